@@ -1,0 +1,148 @@
+"""The study engine: what the bot says next. Pure: no I/O, no clock, no global randomness.
+
+`start` gives the greeting; `respond` takes the participant's state and new message (with the
+classifier's verdict on the first one) and returns the next state and the bot's replies.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping
+from urllib.parse import quote
+
+from combot.paraphrase import paraphrase
+from combot.study import Cell, Study
+
+Stage = Literal["chat", "email", "done"]
+Expects = Literal["message", "email", "done"]
+EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+\.[A-Za-z]{2,}$")
+MAX_EMAIL_LENGTH = 254
+
+
+@dataclass(frozen=True)
+class Link:
+    url: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One bot message. `llm_task` marks text an LLM may rewrite; the text here is the offline one."""
+
+    kind: str
+    text: str
+    produced_by: str = "script"
+    link: Link | None = None
+    llm_task: str | None = None
+    source_text: str | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    stage: Stage = "chat"
+    turn: int = 0  # participant messages answered so far
+    problem: str | None = None
+    asked: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {"stage": self.stage, "turn": self.turn, "problem": self.problem, "asked": list(self.asked)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> State:
+        asked = data.get("asked") or []
+        return cls(stage=data.get("stage", "chat"), turn=int(data.get("turn", 0)),  # type: ignore[arg-type]
+                   problem=data.get("problem"), asked=tuple(int(i) for i in asked))  # type: ignore[arg-type, union-attr]
+
+
+@dataclass(frozen=True)
+class Step:
+    state: State
+    replies: tuple[Reply, ...]
+    email: str | None = None
+    accepted: bool = True
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def expects(self) -> Expects:
+        return expects(self.state)
+
+
+def expects(state: State) -> Expects:
+    return {"chat": "message", "email": "email", "done": "done"}[state.stage]  # type: ignore[return-value]
+
+
+def needs_classification(state: State) -> bool:
+    """The first message decides the problem type; the caller classifies it before `respond`."""
+    return state.stage == "chat" and state.turn == 0
+
+
+def start(study: Study, cell: Cell) -> tuple[State, tuple[Reply, ...]]:
+    return State(), (Reply("greeting", study.text("greeting", cell)),)
+
+
+def respond(study: Study, cell: Cell, state: State, text: str, *, problem: str | None = None, seed: int = 0,
+            link_values: Mapping[str, str] | None = None) -> Step:
+    """The next state and replies after the participant's message `text`."""
+    if state.stage == "done":
+        raise ValueError("the conversation is over")
+    if state.stage == "email":
+        return _email(study, cell, state, text, link_values or {})
+    if needs_classification(state):
+        if problem is None:
+            raise ValueError("the first message needs a problem type")
+        if problem not in study.problem_types:
+            problem = study.catch_all
+        state = replace(state, problem=problem)
+    state = replace(state, turn=state.turn + 1)
+    followups_given = state.turn - 1
+    if followups_given < study.followup_turns:
+        reply, state = _followup(study, cell, state, text, random.Random(f"{seed}:{state.turn}"))
+        return Step(state, (reply,))
+    return Step(replace(state, stage="email"), _closing(study, cell))
+
+
+def _followup(study: Study, cell: Cell, state: State, text: str, rng: random.Random) -> tuple[Reply, State]:
+    problem = state.problem or study.catch_all
+    if study.followup_mode(cell) == "questions" and problem != study.catch_all:
+        bank = study.texts("questions", cell, problem)
+        unused = [i for i in range(len(bank)) if i not in state.asked]
+        if unused:
+            # The first question of a bank opens the topic; the rest come in random order.
+            choice = unused[0] if not state.asked else rng.choice(unused)
+            return Reply("question", bank[choice]), replace(state, asked=state.asked + (choice,))
+    block = study.block("paraphrase", cell, problem)
+    assert block is not None  # load_study checks every cell and problem type has one
+    text_out = paraphrase(text, tuple(block.values["texts"]), rng, tuple(block.values.get("short_texts", ())))
+    return Reply("paraphrase", text_out, "template", llm_task="paraphrase",
+                 source_text=text), state
+
+
+def _closing(study: Study, cell: Cell) -> tuple[Reply, ...]:
+    replies = []
+    empathy = study.text("empathy", cell)
+    if empathy.strip():
+        replies.append(Reply("empathy", empathy))
+    replies.append(Reply("closing", study.text("closing", cell)))
+    return tuple(replies)
+
+
+def _email(study: Study, cell: Cell, state: State, text: str, link_values: Mapping[str, str]) -> Step:
+    candidate = text.strip()
+    if len(candidate) > MAX_EMAIL_LENGTH or not EMAIL.match(candidate):
+        return Step(state, (Reply("email_retry", study.text("email_retry", cell)),), accepted=False)
+    link = survey_link(study, link_values)
+    thanks = Reply("thanks", study.text("thanks", cell), link=link)
+    return Step(replace(state, stage="done"), (thanks,), email=candidate)
+
+
+def fill_template(template: str, values: Mapping[str, str]) -> str:
+    """Put URL-encoded values into {placeholders}; an unknown placeholder becomes empty."""
+    return re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: quote(str(values.get(m.group(1), "")), safe=""), template)
+
+
+def survey_link(study: Study, values: Mapping[str, str]) -> Link | None:
+    if not study.survey_url:
+        return None
+    return Link(fill_template(study.survey_url, values), study.survey_label)

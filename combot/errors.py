@@ -1,0 +1,76 @@
+"""One exception hierarchy: each error knows its HTTP status, and one handler turns it into JSON."""
+
+from __future__ import annotations
+
+
+class CombotError(Exception):
+    """Base class for every error Combot raises on purpose."""
+
+    status_code = 500
+
+
+class ConfigError(CombotError):
+    """The study file is invalid: names the file, the key and the line at fault."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, key: str | None = None):
+        self.path = path
+        self.line = line
+        self.key = key
+        self.reason = message
+        where = ""
+        if path:
+            where = f"{path}"
+            if line:
+                where += f", line {line}"
+            where += ": "
+        if key:
+            where += f"[{key}] "
+        super().__init__(f"{where}{message}")
+
+
+class BadRequest(CombotError):
+    """The request is malformed (not JSON, wrong shape, wrong type)."""
+
+    status_code = 400
+
+
+class Unauthorized(CombotError):
+    """No researcher token, or a wrong one."""
+
+    status_code = 401
+
+
+class NotFound(CombotError):
+    """No such session or page."""
+
+    status_code = 404
+
+
+class Conflict(CombotError):
+    """The conversation is over, or another request changed it first."""
+
+    status_code = 409
+
+
+class PayloadTooLarge(CombotError):
+    """The body or the message text is over its configured size."""
+
+    status_code = 413
+
+
+class Unprocessable(CombotError):
+    """Well-formed but unusable input, such as an empty message."""
+
+    status_code = 422
+
+
+class TooManyRequests(CombotError):
+    """The participant is sending faster than the configured rate."""
+
+    status_code = 429
+
+
+class Unavailable(CombotError):
+    """The server cannot store the message right now (database busy, disk full): try again."""
+
+    status_code = 503

@@ -1,0 +1,129 @@
+"""Every run-time setting, declared once: name, default, type and help.
+
+The `[server]`, `[classifier]` and `[llm]` tables of combot.toml, the `COMBOT_*` environment
+variables and the CLI flags all resolve through these declarations. Precedence, lowest first:
+default, file, environment, flags the user actually passed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    name: str
+    default: Any
+    help: str
+    kind: type = str
+    env: str | None = None
+
+    @property
+    def env_name(self) -> str:
+        return self.env or f"COMBOT_{self.name.upper()}"
+
+    def convert(self, value: Any, source: str) -> Any:
+        """Coerce a value from the file or the environment into this option's type."""
+        if value is None:
+            return None
+        if self.kind is list:
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise ValueError(f"{self.name} must be a list of strings ({source})")
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                return value.lower() in {"1", "true", "yes", "on"}
+            raise ValueError(f"{self.name} must be true or false ({source})")
+        if self.kind is int:
+            if isinstance(value, bool):
+                raise ValueError(f"{self.name} must be a whole number ({source})")
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.name} must be a whole number ({source})") from None
+        if self.kind is float:
+            if isinstance(value, bool):
+                raise ValueError(f"{self.name} must be a number ({source})")
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.name} must be a number ({source})") from None
+        if not isinstance(value, str):
+            raise ValueError(f"{self.name} must be a string ({source})")
+        return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    # [server]
+    Option("server", "host", "0.0.0.0", "Address to listen on (0.0.0.0: every interface)."),
+    Option("server", "port", 8000, "TCP port to listen on.", int),
+    Option("server", "workers", 8, "Number of worker processes.", int),
+    Option("server", "database", "combot.db", "SQLite database file (created when missing).", str, "COMBOT_DB"),
+    Option("server", "request_timeout", 60.0, "Seconds before a request is answered with 503.", float),
+    Option("server", "graceful_timeout", 30.0, "Seconds in-flight requests get to finish on shutdown.", float),
+    Option("server", "max_requests", 0, "Recycle a worker after this many requests (0: never).", int),
+    Option("server", "access_log", "-", "Access log file ('-': standard error, '': off)."),
+    Option("server", "trusted_hosts", ["*"], "Host headers to accept (e.g. study.example.org).", list),
+    Option("server", "max_message_chars", 2000, "Longest participant message, in characters.", int),
+    Option("server", "max_body_bytes", 16384, "Largest request body, in bytes.", int),
+    Option("server", "rate_limit", 20, "Messages a participant may send per minute (0: no limit).", int),
+    Option("server", "admin_token", "", "Researcher token for /admin (default: generated and stored beside the database)."),
+    # [classifier]
+    Option("classifier", "model_dir", "", "Directory of the classifier (default: the bundled model)."),
+    Option("classifier", "head", "", "A head trained with `combot train` to use instead of the shipped one."),
+    Option("classifier", "threshold", 0.4, "Top score below which the problem type becomes Other.", float),
+    Option("classifier", "max_length", 128, "Tokens after which a message is truncated.", int),
+    Option("classifier", "threads", 1, "Threads per inference (onnxruntime intra_op_num_threads).", int),
+)
+
+SECTIONS = sorted({o.section for o in OPTIONS})
+
+
+def option(section: str, name: str) -> Option:
+    for opt in OPTIONS:
+        if opt.section == section and opt.name == name:
+            return opt
+    raise KeyError(f"{section}.{name}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, name = dotted.split(".", 1)
+        return self.values[section][name]
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        return self.values[name]
+
+
+def resolve(
+    file_values: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Combine defaults, the file's tables, the environment and explicit overrides ("section.name")."""
+    environ = os.environ if environ is None else environ
+    file_values = file_values or {}
+    overrides = overrides or {}
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for opt in OPTIONS:
+        value = opt.default
+        from_file = file_values.get(opt.section, {})
+        if opt.name in from_file:
+            value = opt.convert(from_file[opt.name], f"[{opt.section}] in the study file")
+        if opt.env_name in environ:
+            value = opt.convert(environ[opt.env_name], f"environment variable {opt.env_name}")
+        dotted = f"{opt.section}.{opt.name}"
+        if overrides.get(dotted) is not None:
+            value = opt.convert(overrides[dotted], f"--{opt.name.replace('_', '-')}")
+        values[opt.section][opt.name] = value
+    return Settings(values)

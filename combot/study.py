@@ -1,0 +1,361 @@
+"""The study definition: loading and checking combot.toml.
+
+A study is its factors (every combination of levels is a cell) and blocks of text, each applying
+to the cells its `when` table matches. `load_study` rejects anything it cannot use with the file,
+the key and the line at fault, before the server binds a port.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from combot.errors import ConfigError
+from combot.settings import OPTIONS, SECTIONS, Settings, resolve
+
+Cell = Mapping[str, str]
+
+# Each block kind: the keys it takes (name -> type), which are required, and whether its `when`
+# may name a problem type.
+_TEXT = {"text": str}
+_TEXTS = {"texts": list}
+BLOCK_KINDS: dict[str, dict[str, Any]] = {
+    "presentation": {"keys": {"name": str, "logo": str, "colour": str}, "required": {"name", "colour"}, "problem": False},
+    "greeting": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "followups": {"keys": {"mode": str}, "required": {"mode"}, "problem": False},
+    "questions": {"keys": _TEXTS, "required": {"texts"}, "problem": True},
+    "paraphrase": {"keys": {"texts": list, "short_texts": list}, "required": {"texts"}, "problem": True},
+    "empathy": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "closing": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "email_retry": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "thanks": {"keys": _TEXT, "required": {"text"}, "problem": False},
+}
+FOLLOWUP_MODES = ("questions", "paraphrase")
+STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int}
+SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str}
+ASSIGNMENT_METHODS = ("balanced", "random")
+_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str
+    when: Mapping[str, str]
+    values: Mapping[str, Any]
+    line: int | None = None
+
+    def matches(self, cell: Cell, problem: str | None) -> bool:
+        for key, level in self.when.items():
+            if key == "problem":
+                if level != problem:
+                    return False
+            elif cell.get(key) != level:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Study:
+    title: str
+    factors: Mapping[str, tuple[str, ...]]
+    followup_turns: int
+    problem_types: tuple[str, ...]
+    assignment: str
+    seed: int | None
+    survey_url: str
+    survey_label: str
+    completion_url: str
+    blocks: Mapping[str, tuple[Block, ...]]
+    settings: Settings = field(default_factory=lambda: resolve({}, {}))
+    path: str = "<default>"
+
+    @property
+    def catch_all(self) -> str:
+        return self.problem_types[-1]
+
+    def cells(self) -> list[dict[str, str]]:
+        """Every combination of factor levels, in a stable order (the first factor varies slowest)."""
+        names = list(self.factors)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.factors[n] for n in names))]
+
+    def cell_label(self, cell: Cell) -> str:
+        return "-".join(cell[name] for name in self.factors)
+
+    def cell_number(self, cell: Cell) -> int:
+        return self.cells().index(dict(cell)) + 1
+
+    def block(self, kind: str, cell: Cell, problem: str | None = None) -> Block | None:
+        """The most specific block of this kind that applies to the cell (and problem type)."""
+        best: Block | None = None
+        for candidate in self.blocks.get(kind, ()):
+            if candidate.matches(cell, problem) and (best is None or len(candidate.when) > len(best.when)):
+                best = candidate
+        return best
+
+    def text(self, kind: str, cell: Cell, problem: str | None = None) -> str:
+        found = self.block(kind, cell, problem)
+        if found is None:  # load_study guarantees this for every cell; reaching it is a bug
+            raise LookupError(f"no [[{kind}]] text for cell {self.cell_label(cell)}")
+        return str(found.values["text"])
+
+    def texts(self, kind: str, cell: Cell, problem: str | None = None) -> tuple[str, ...]:
+        found = self.block(kind, cell, problem)
+        return tuple(found.values["texts"]) if found else ()
+
+    def followup_mode(self, cell: Cell) -> str:
+        found = self.block("followups", cell)
+        return str(found.values["mode"]) if found else "paraphrase"
+
+    def presentation(self, cell: Cell) -> dict[str, str]:
+        found = self.block("presentation", cell)
+        assert found is not None
+        return {key: str(value) for key, value in found.values.items()}
+
+
+def _line_index(source: str) -> dict[tuple[Any, ...], int]:
+    """Map key paths to the line that defines them: a small scan, since tomllib keeps no positions."""
+    index: dict[tuple[Any, ...], int] = {}
+    prefix: tuple[Any, ...] = ()
+    array_counts: dict[tuple[Any, ...], int] = {}
+    for number, raw in enumerate(source.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[["):
+            name = tuple(part.strip().strip('"') for part in line.strip("[] \t").split("."))
+            position = array_counts.get(name, 0)
+            array_counts[name] = position + 1
+            prefix = name + (position,)
+            index.setdefault(prefix, number)
+            continue
+        if line.startswith("["):
+            prefix = tuple(part.strip().strip('"') for part in line.split("]")[0].strip("[ \t").split("."))
+            index.setdefault(prefix, number)
+            continue
+        match = re.match(r'^([A-Za-z0-9_\-."]+)\s*=', line)
+        if match:
+            key = tuple(part.strip('"') for part in match.group(1).split("."))
+            index.setdefault(prefix + key, number)
+    return index
+
+
+class _Checker:
+    def __init__(self, path: str, source: str):
+        self.path = path
+        self.lines = _line_index(source)
+        self.source_lines = source.splitlines()
+
+    def line(self, *key: Any) -> int | None:
+        for end in range(len(key), 0, -1):
+            if key[:end] in self.lines:
+                return self.lines[key[:end]]
+        return None
+
+    def fail(self, message: str, *key: Any, text: str | None = None) -> ConfigError:
+        """An error at `key`; with `text`, at the line inside a multi-line value that holds that text."""
+        shown = ".".join(str(k) if not isinstance(k, int) else f"#{k + 1}" for k in key) or None
+        line = self.line(*key)
+        if text and line:
+            for number in range(line, len(self.source_lines) + 1):
+                if text[:60] in self.source_lines[number - 1]:
+                    line = number
+                    break
+        return ConfigError(message, path=self.path, line=line, key=shown)
+
+    def typed(self, value: Any, kind: type, *key: Any) -> Any:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            names = {str: "a string", int: "a whole number", list: "a list", dict: "a table", float: "a number"}
+            raise self.fail(f"must be {names.get(kind, kind.__name__)}, not {type(value).__name__}", *key)
+        if kind is list and not all(isinstance(item, str) for item in value):
+            raise self.fail("must be a list of strings", *key)
+        return value
+
+    def known(self, table: Mapping[str, Any], allowed: set[str], *key: Any) -> None:
+        for name in table:
+            if name not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.fail(f"unknown key '{name}' (expected one of: {hint})", *key, name)
+
+
+def load_study(path: str | Path | None = None, *, source: str | None = None, environ: Mapping[str, str] | None = None,
+               overrides: Mapping[str, Any] | None = None) -> Study:
+    """Read and check a study file (or `source` text); the bundled default when both are None."""
+    if source is None:
+        if path is None:
+            from combot.resources import default_study_path
+
+            path = default_study_path()
+        try:
+            source = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read the study file: {error.strerror}", path=str(path)) from None
+        except UnicodeDecodeError:
+            raise ConfigError("the study file is not UTF-8 text", path=str(path)) from None
+    shown_path = str(path) if path is not None else "<string>"
+    try:
+        data = tomllib.loads(source)
+    except tomllib.TOMLDecodeError as error:
+        match = re.search(r"line (\d+)", str(error))
+        raise ConfigError(f"not valid TOML: {error}", path=shown_path, line=int(match.group(1)) if match else None) from None
+    return _build(data, _Checker(shown_path, source), environ, overrides)
+
+
+def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | None,
+           overrides: Mapping[str, Any] | None) -> Study:
+    top_level = {"study", "factors", "survey", *SECTIONS, *BLOCK_KINDS}
+    check.known(data, top_level)
+
+    study = check.typed(data.get("study", {}), dict, "study")
+    check.known(study, set(STUDY_KEYS), "study")
+    for key, kind in STUDY_KEYS.items():
+        if key in study:
+            check.typed(study[key], kind, "study", key)
+    followup_turns = study.get("followup_turns", 4)
+    if not 0 <= followup_turns <= 20:
+        raise check.fail("must be between 0 and 20", "study", "followup_turns")
+    problem_types = tuple(study.get("problem_types", ["A", "B", "C", "Other"]))
+    if len(problem_types) < 2 or len(set(problem_types)) != len(problem_types):
+        raise check.fail("needs at least two different problem types", "study", "problem_types")
+    assignment = study.get("assignment", "balanced")
+    if assignment not in ASSIGNMENT_METHODS:
+        raise check.fail(f"must be one of {', '.join(ASSIGNMENT_METHODS)}", "study", "assignment")
+
+    factors_table = check.typed(data.get("factors", {}), dict, "factors")
+    if not factors_table:
+        raise check.fail("the study needs at least one factor, e.g. brand = [\"basic\", \"bramble\"]", "factors")
+    factors: dict[str, tuple[str, ...]] = {}
+    for name, levels in factors_table.items():
+        check.typed(levels, list, "factors", name)
+        if not levels or len(set(levels)) != len(levels):
+            raise check.fail("needs one or more distinct levels", "factors", name)
+        if name == "problem":
+            raise check.fail("'problem' is reserved for the problem type", "factors", name)
+        factors[name] = tuple(levels)
+
+    survey = check.typed(data.get("survey", {}), dict, "survey")
+    check.known(survey, set(SURVEY_KEYS), "survey")
+    for key in survey:
+        check.typed(survey[key], str, "survey", key)
+
+    file_settings: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        table = check.typed(data.get(section, {}), dict, section)
+        allowed = {o.name for o in OPTIONS if o.section == section}
+        check.known(table, allowed, section)
+        file_settings[section] = table
+    try:
+        settings = resolve(file_settings, environ, overrides)
+    except ValueError as error:
+        raise check.fail(str(error), *_first_key(str(error), file_settings)) from None
+
+    blocks: dict[str, tuple[Block, ...]] = {}
+    for kind, spec in BLOCK_KINDS.items():
+        entries = data.get(kind, [])
+        if not isinstance(entries, list):
+            raise check.fail(f"write it as [[{kind}]] blocks", kind)
+        parsed = []
+        for position, entry in enumerate(entries):
+            parsed.append(_block(kind, spec, entry, position, factors, problem_types, check))
+        blocks[kind] = tuple(parsed)
+
+    result = Study(
+        title=study.get("title", "Customer service conversation"),
+        factors=factors,
+        followup_turns=followup_turns,
+        problem_types=problem_types,
+        assignment=assignment,
+        seed=study.get("seed"),
+        survey_url=survey.get("url", ""),
+        survey_label=survey.get("link_label", "Continue to the survey"),
+        completion_url=survey.get("completion_url", ""),
+        blocks=blocks,
+        settings=settings,
+        path=check.path,
+    )
+    _check_coverage(result, check)
+    return result
+
+
+def _first_key(message: str, file_settings: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    for section, table in file_settings.items():
+        for name in table:
+            if message.startswith(name + " "):
+                return (section, name)
+    return ()
+
+
+def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factors: Mapping[str, tuple[str, ...]],
+           problem_types: tuple[str, ...], check: _Checker) -> Block:
+    key = (kind, position)
+    check.typed(entry, dict, *key)
+    check.known(entry, set(spec["keys"]) | {"when"}, *key)
+    when = check.typed(entry.get("when", {}), dict, *key, "when")
+    for factor, level in when.items():
+        if factor == "problem" and spec["problem"]:
+            if level not in problem_types:
+                raise check.fail(f"unknown problem type '{level}' (expected one of: {', '.join(problem_types)})", *key, "when")
+            continue
+        if factor not in factors:
+            raise check.fail(f"'when' names '{factor}', which is not a factor ({', '.join(factors)})", *key, "when")
+        if level not in factors[factor]:
+            raise check.fail(f"'{level}' is not a level of {factor} ({', '.join(factors[factor])})", *key, "when")
+    for name in spec["required"]:
+        if name not in entry:
+            raise check.fail(f"missing '{name}'", *key)
+    values: dict[str, Any] = {}
+    for name, kind_type in spec["keys"].items():
+        if name in entry:
+            values[name] = check.typed(entry[name], kind_type, *key, name)
+    if "texts" in values and not values["texts"]:
+        raise check.fail("needs at least one text", *key, "texts")
+    if kind == "followups" and values["mode"] not in FOLLOWUP_MODES:
+        raise check.fail(f"mode must be one of {', '.join(FOLLOWUP_MODES)}", *key, "mode")
+    if kind == "presentation" and not _COLOUR.match(values["colour"]):
+        raise check.fail("colour must look like #35506b", *key, "colour")
+    if kind == "paraphrase":
+        for text in (*values["texts"], *values.get("short_texts", ())):
+            _check_placeholders(text, {"reflection"}, check, *key, "texts")
+    for name in ("text",):
+        if name in values and kind not in ("empathy",) and not values[name].strip():
+            raise check.fail("must not be empty", *key, name)
+    return Block(kind, dict(when), values, check.line(*key))
+
+
+def _check_placeholders(text: str, allowed: set[str], check: _Checker, *key: Any) -> None:
+    for name in re.findall(r"\{([^{}]*)\}", text):
+        if name not in allowed:
+            raise check.fail(f"unknown placeholder {{{name}}} (allowed: {', '.join('{' + a + '}' for a in sorted(allowed))})",
+                             *key, text=text)
+
+
+def _check_coverage(study: Study, check: _Checker) -> None:
+    """Every cell must have every text it can need, so no participant can reach a gap."""
+    for cell in study.cells():
+        label = study.cell_label(cell)
+        for kind in ("presentation", "greeting", "empathy", "closing", "email_retry", "thanks"):
+            if study.block(kind, cell) is None:
+                raise check.fail(f"no [[{kind}]] block applies to cell {label}", kind)
+        mode = study.followup_mode(cell)
+        for problem in study.problem_types:
+            if study.followup_turns and not study.texts("paraphrase", cell, problem):
+                raise check.fail(f"no [[paraphrase]] block applies to cell {label}, problem {problem}", "paraphrase")
+            if mode == "questions" and problem != study.catch_all and study.followup_turns:
+                bank = study.block("questions", cell, problem)
+                if bank is None:
+                    raise check.fail(f"no [[questions]] bank for cell {label}, problem {problem}", "questions")
+                if len(bank.values["texts"]) < study.followup_turns:
+                    raise check.fail(
+                        f"the bank for cell {label}, problem {problem} has {len(bank.values['texts'])} questions;"
+                        f" followup_turns = {study.followup_turns} needs that many", "questions",
+                        study.blocks["questions"].index(bank), "texts")
+    # Survey placeholders: {participant_id}, {cell}, or a captured URL parameter's name.
+    for key, template in (("url", study.survey_url), ("completion_url", study.completion_url)):
+        for name in re.findall(r"\{([^{}]*)\}", template):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise check.fail(f"bad placeholder {{{name}}}: use {{participant_id}}, {{cell}} or a URL parameter name",
+                                 "survey", key)

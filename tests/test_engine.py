@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+
+from combot import engine
+from combot.engine import State
+from combot.study import load_study
+from tests.conftest import DEFAULT_STUDY
+
+STUDY = load_study(DEFAULT_STUDY)
+HIGH = {"brand": "basic", "think": "high", "feel": "high"}
+LOW = {"brand": "bramble", "think": "low", "feel": "low"}
+
+
+def walk(cell: dict[str, str], problem: str, messages: list[str], seed: int = 7) -> list[engine.Step]:
+    state, _ = engine.start(STUDY, cell)
+    steps = []
+    for text in messages:
+        step = engine.respond(STUDY, cell, state, text, problem=problem if engine.needs_classification(state) else None,
+                              seed=seed, link_values={"participant_id": "p123", "cell": "3"})
+        steps.append(step)
+        state = step.state
+    return steps
+
+
+CHAT = ["My toaster caught fire on day two.", "It smoked.", "The shop ignored me.", "No refund.", "I gave up."]
+
+
+@pytest.mark.parametrize("cell, problem, kinds", [
+    (HIGH, "A", ["question"] * 4 + ["empathy", "closing"]),
+    (HIGH, "B", ["question"] * 4 + ["empathy", "closing"]),
+    (HIGH, "Other", ["paraphrase"] * 4 + ["empathy", "closing"]),
+    (LOW, "A", ["paraphrase"] * 4 + ["closing"]),
+    (LOW, "C", ["paraphrase"] * 4 + ["closing"]),
+    ({**HIGH, "feel": "low"}, "C", ["question"] * 4 + ["closing"]),
+])
+def test_turn_structure(cell: dict[str, str], problem: str, kinds: list[str]) -> None:
+    steps = walk(cell, problem, CHAT)
+    assert [r.kind for s in steps for r in s.replies] == kinds
+    assert [s.expects for s in steps] == ["message"] * 4 + ["email"]
+
+
+@pytest.mark.parametrize("cell", [HIGH, {**HIGH, "brand": "bramble"}])
+@pytest.mark.parametrize("problem", ["A", "B", "C"])
+@pytest.mark.parametrize("seed", range(5))
+def test_scripted_questions_never_repeat_and_come_from_the_problem_bank(cell: dict[str, str], problem: str, seed: int) -> None:
+    steps = walk(cell, problem, CHAT[:4], seed=seed)
+    asked = [s.replies[0].text for s in steps]
+    assert len(set(asked)) == 4
+    assert set(asked) <= set(STUDY.texts("questions", cell, problem))
+
+
+def test_the_branded_bank_is_used_for_the_brand() -> None:
+    bramble = walk({**HIGH, "brand": "bramble"}, "C", CHAT[:1])[0].replies[0].text
+    assert "Bramble" in bramble
+    assert "Bramble" not in walk(HIGH, "C", CHAT[:1])[0].replies[0].text
+
+
+def test_greetings_differ_by_brand_and_think_and_never_name_the_condition() -> None:
+    greetings = {STUDY.cell_label(c): engine.start(STUDY, c)[1][0].text for c in STUDY.cells()}
+    assert len(set(greetings.values())) == 4
+    for text in greetings.values():
+        for word in ("high", "low", "think", "feel", "condition", "cell"):
+            assert word not in text.lower().split()
+
+
+def test_paraphrase_reflects_the_participant() -> None:
+    step = walk(LOW, "B", ["My parcel was left in the rain and I was furious about it."])[0]
+    assert "your parcel was left in the rain and you were furious" in step.replies[0].text
+    assert step.replies[0].produced_by == "template"
+    assert step.replies[0].llm_task == "paraphrase"
+
+
+@pytest.mark.parametrize("address, accepted", [
+    ("someone@example.com", True),
+    ("  first.last+tag@sub.example.co.uk ", True),
+    ("someone@example", False),
+    ("not an email", False),
+    ("a@b.c", False),
+    ("<script>@x.com", False),
+    ("x" * 250 + "@example.com", False),
+])
+def test_email_validation(address: str, accepted: bool) -> None:
+    steps = walk(HIGH, "A", CHAT + [address])
+    last = steps[-1]
+    if accepted:
+        assert last.state.stage == "done" and last.email == address.strip()
+        assert last.replies[0].kind == "thanks"
+        assert last.replies[0].link is not None and "pid=p123" in last.replies[0].link.url
+        assert address.strip() not in last.replies[0].link.url
+    else:
+        assert last.state.stage == "email" and last.email is None
+        assert last.replies[0].kind == "email_retry"
+
+
+def test_no_message_after_the_end() -> None:
+    steps = walk(HIGH, "A", CHAT + ["someone@example.com"])
+    with pytest.raises(ValueError):
+        engine.respond(STUDY, HIGH, steps[-1].state, "hello again")
+
+
+def test_first_message_needs_a_problem_type() -> None:
+    state, _ = engine.start(STUDY, HIGH)
+    assert engine.needs_classification(state)
+    with pytest.raises(ValueError):
+        engine.respond(STUDY, HIGH, state, "hello")
+
+
+def test_an_unknown_problem_type_becomes_the_catch_all() -> None:
+    step = walk(HIGH, "Z", CHAT[:1])[0]
+    assert step.state.problem == "Other" and step.replies[0].kind == "paraphrase"
+
+
+def test_state_round_trips() -> None:
+    state = State(stage="email", turn=5, problem="B", asked=(0, 3, 2))
+    assert State.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize("template, values, expected", [
+    ("https://s.example/?pid={participant_id}", {"participant_id": "p1"}, "https://s.example/?pid=p1"),
+    ("https://s.example/?x={PROLIFIC_PID}&c={cell}", {"PROLIFIC_PID": "a b&c=d", "cell": "2"},
+     "https://s.example/?x=a%20b%26c%3Dd&c=2"),
+    ("https://s.example/?x={missing}", {}, "https://s.example/?x="),
+])
+def test_fill_template_encodes_values(template: str, values: dict[str, str], expected: str) -> None:
+    assert engine.fill_template(template, values) == expected
+
+
+def test_the_same_seed_gives_the_same_conversation() -> None:
+    first = [r.text for s in walk(HIGH, "A", CHAT, seed=42) for r in s.replies]
+    again = [r.text for s in walk(HIGH, "A", CHAT, seed=42) for r in s.replies]
+    assert first == again
