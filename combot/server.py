@@ -1,0 +1,161 @@
+"""The multi-process launcher: binds once, runs N Hypercorn workers, and replaces any that die.
+
+Hypercorn's own `hypercorn.run.run` stops the whole server when one worker exits with an error
+(a crash, an OOM kill), which would end a running study. Here a dead worker is logged and
+replaced while the others keep serving; SIGTERM or SIGINT asks every worker to finish its
+in-flight requests and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from hypercorn.config import Config
+
+from combot import store
+from combot.settings import OPTIONS
+from combot.study import Study
+
+log = logging.getLogger("combot.server")
+
+# A worker that keeps dying at start-up (a broken model file, an unreadable database) should stop
+# the server with a clear message instead of being restarted forever.
+CRASH_WINDOW_SECONDS = 30.0
+MAX_CRASHES_IN_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: str | None
+    database: Path
+    host: str
+    port: int
+    workers: int
+    graceful_timeout: float
+    max_requests: int
+    access_log: str
+    request_timeout: float
+
+
+def hypercorn_config(options: ServeOptions) -> Config:
+    config = Config()
+    host = f"[{options.host}]" if ":" in options.host and not options.host.startswith("[") else options.host
+    config.bind = [f"{host}:{options.port}"]
+    config.application_path = "combot.web:create_app()"
+    config.workers = options.workers
+    config.graceful_timeout = options.graceful_timeout
+    config.keep_alive_timeout = 75
+    config.backlog = 2048
+    if options.max_requests > 0:
+        config.max_requests = options.max_requests
+        config.max_requests_jitter = max(1, options.max_requests // 10)
+    if options.access_log:
+        config.accesslog = options.access_log
+    config.errorlog = "-"
+    return config
+
+
+def _worker(config: Config, sockets: Any, shutdown_event: Any) -> None:
+    from hypercorn.asyncio.run import asyncio_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    asyncio_worker(config, sockets, shutdown_event)
+
+
+def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit code."""
+    store.wait_for_schema(options.database)
+    # Workers are fresh interpreters (spawn): they learn the study and database from the environment.
+    if options.config_path:
+        os.environ["COMBOT_CONFIG"] = str(Path(options.config_path).resolve())
+    else:
+        os.environ.pop("COMBOT_CONFIG", None)
+    # Every resolved setting goes to the workers through its environment variable, so flags the
+    # user passed here win there too.
+    for opt in OPTIONS:
+        value = study.settings[f"{opt.section}.{opt.name}"]
+        os.environ[opt.env_name] = ",".join(value) if isinstance(value, list) else str(value)
+    os.environ["COMBOT_DB"] = str(options.database.resolve())
+
+    config = hypercorn_config(options)
+    sockets = config.create_sockets()
+    ctx = multiprocessing.get_context("spawn")
+    shutdown_event = ctx.Event()
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        stopping = True
+        shutdown_event.set()
+
+    # Workers inherit "ignore SIGINT", so Ctrl-C in a terminal reaches only this supervisor, which
+    # then shuts every worker down gracefully through the shared event.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes: list[BaseProcess] = []
+    crashes: list[float] = []
+    exit_code = 0
+
+    def start_one() -> None:
+        process = ctx.Process(target=_worker, kwargs={"config": config, "sockets": sockets,
+                                                      "shutdown_event": shutdown_event}, daemon=False)
+        process.start()
+        processes.append(process)
+
+    try:
+        for _ in range(options.workers):
+            start_one()
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        if on_ready is not None:
+            on_ready()
+        while not stopping:
+            wait([p.sentinel for p in processes], timeout=1.0)
+            for process in [p for p in processes if p.exitcode is not None]:
+                process.join()
+                processes.remove(process)
+                if stopping:
+                    continue
+                if process.exitcode == 0:
+                    log.info("worker %s recycled; starting a new one", process.pid)
+                else:
+                    log.error("worker %s died (exit code %s); starting a replacement", process.pid, process.exitcode)
+                    moment = time.monotonic()
+                    crashes[:] = [t for t in crashes if moment - t < CRASH_WINDOW_SECONDS] + [moment]
+                    if len(crashes) > MAX_CRASHES_IN_WINDOW:
+                        log.error("workers keep dying; stopping the server. See the errors above.")
+                        exit_code = 1
+                        stopping = True
+                        shutdown_event.set()
+                        break
+                start_one()
+        deadline = time.monotonic() + options.graceful_timeout + 5
+        for process in processes:
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+        for process in processes:
+            if process.exitcode is None:
+                log.warning("worker %s did not stop in time; terminating it", process.pid)
+                process.terminate()
+                process.join(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.close()
+    return exit_code
+
+
+def bound_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("localhost" if host == "::" else host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"

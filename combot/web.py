@@ -1,0 +1,359 @@
+"""The HTTP layer: a Starlette app built by a factory, one set of resources per worker process.
+
+Requests flow one way: parse and check the request, ask the engine what to say, let the
+adapters (classifier, LLM, store) do their I/O, and answer only after the store has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from combot import engine, store
+from combot.assignment import choose_cell
+from combot.classifier import Classifier, classify_async, default_model_dir, get_classifier
+from combot.errors import BadRequest, CombotError, Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unprocessable
+from combot.ratelimit import RateLimiter
+from combot.resources import static_dir
+from combot.study import Study, load_study
+
+log = logging.getLogger("combot")
+
+# URL parameters kept with a participant (recruitment platforms and survey tools add these).
+CAPTURED_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "participant_label")
+PLATFORM_ID_PARAM = "PROLIFIC_PID"
+MAX_PARAM_LENGTH = 200
+
+
+@dataclass
+class Resources:
+    """What one worker process holds for its whole life: created in the lifespan, seen by every request."""
+
+    study: Study
+    store: store.Store
+    classifier: Classifier
+    inference: ThreadPoolExecutor
+    limiter: RateLimiter
+
+
+def _resources(request: Request) -> Resources:
+    return request.app.state.resources  # type: ignore[no-any-return]
+
+
+def load_classifier(study: Study) -> Classifier:
+    cfg = study.settings.section("classifier")
+    model_dir = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
+    head = Path(cfg["head"]) if cfg["head"] else None
+    return get_classifier(model_dir, head=head, threads=cfg["threads"], max_length=cfg["max_length"],
+                          threshold=cfg["threshold"])
+
+
+# --- request parsing --------------------------------------------------------------------------------
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data
+
+
+def _message_text(data: Mapping[str, Any], max_chars: int) -> str:
+    text = data.get("text")
+    if text is None:
+        raise BadRequest("the body needs a 'text' field")
+    if not isinstance(text, str):
+        raise BadRequest("'text' must be a string")
+    if len(text) > max_chars:
+        raise PayloadTooLarge(f"the message is over {max_chars} characters; please shorten it")
+    text = text.replace("\x00", "").strip()
+    if not text:
+        raise Unprocessable("the message is empty")
+    return text
+
+
+def _client_message_id(data: Mapping[str, Any]) -> str | None:
+    value = data.get("client_message_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 100:
+        raise BadRequest("'client_message_id' must be a string of 1 to 100 characters")
+    return value
+
+
+def _captured_params(request: Request) -> dict[str, str]:
+    return {name: request.query_params[name][:MAX_PARAM_LENGTH] for name in CAPTURED_PARAMS
+            if request.query_params.get(name)}
+
+
+# --- what the page sees ---------------------------------------------------------------------------
+
+def _reply_json(text: str, kind: str, link: engine.Link | None = None) -> dict[str, Any]:
+    # `kind` tells the page how to render a message (e.g. the final one); it never names the cell.
+    out: dict[str, Any] = {"text": text}
+    if link is not None:
+        out["link"] = {"url": link.url, "label": link.label}
+    return out
+
+
+def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dict[str, Any]:
+    link = engine.survey_link(study, link_values) if row["kind"] == "thanks" else None
+    return _reply_json(row["text"], row["kind"], link)
+
+
+def _link_values(participant: Any) -> dict[str, str]:
+    values = {"participant_id": participant["id"], "cell": str(participant["cell_number"])}
+    values.update(json.loads(participant["url_params"] or "{}"))
+    return values
+
+
+def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
+    shown = study.presentation(factors)
+    out = {"name": shown["name"], "colour": shown["colour"]}
+    if shown.get("logo"):
+        out["logo"] = "/static/" + shown["logo"].lstrip("/")
+    return out
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+async def create_session(request: Request) -> Response:
+    res = _resources(request)
+    await _read_json(request, res.study.settings["server.max_body_bytes"])
+    params = _captured_params(request)
+    study = res.study
+    participant_id = "p" + secrets.token_hex(6)
+    token = secrets.token_urlsafe(24)
+    rng = random.SystemRandom()
+
+    def greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[store.NewMessage]]:
+        state, replies = engine.start(study, factors)
+        return state.to_dict(), [store.NewMessage("bot", r.kind, r.text, r.produced_by) for r in replies]
+
+    row, created = await res.store.run(
+        store.create_participant, participant_id=participant_id, token=token,
+        choose_cell=lambda counts: choose_cell(study, counts, rng),
+        greet=greet, user_agent=request.headers.get("user-agent", ""), url_params=params,
+        platform_id=params.get(PLATFORM_ID_PARAM))
+    return await _session_response(res, row, status=201 if created else 200)
+
+
+async def _session_response(res: Resources, participant: Any, status: int = 200) -> Response:
+    study = res.study
+    factors = json.loads(participant["factors"])
+    rows = await res.store.run(store.transcript, participant["id"])
+    values = _link_values(participant)
+    messages = []
+    for row in rows:
+        if row["sender"] == "bot":
+            messages.append({"from": "bot", **_stored_reply(row, study, values)})
+        else:
+            messages.append({"from": "participant", "text": row["text"]})
+    state = engine.State.from_dict(json.loads(participant["state"]))
+    body = {
+        "session_id": participant["token"],
+        "messages": messages,
+        "expects": engine.expects(state),
+        "bot": _presentation(study, factors),
+        "max_message_chars": study.settings["server.max_message_chars"],
+    }
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def _participant(res: Resources, token: str) -> Any:
+    if not 10 <= len(token) <= 100:
+        raise NotFound("no such session")
+    row = await res.store.run(store.participant_by_token, token)
+    if row is None:
+        raise NotFound("no such session")
+    return row
+
+
+async def get_session(request: Request) -> Response:
+    res = _resources(request)
+    participant = await _participant(res, request.path_params["session_id"])
+    return await _session_response(res, participant)
+
+
+async def post_message(request: Request) -> Response:
+    started = time.perf_counter()
+    res = _resources(request)
+    study = res.study
+    token = request.path_params["session_id"]
+    data = await _read_json(request, study.settings["server.max_body_bytes"])
+    text = _message_text(data, study.settings["server.max_message_chars"])
+    client_id = _client_message_id(data)
+    participant = await _participant(res, token)
+    values = _link_values(participant)
+
+    if client_id is not None:
+        earlier = await res.store.run(store.replies_to, participant["id"], client_id)
+        if earlier is not None:
+            return _turn_response(study, participant, earlier, values, repeat=True)
+    if not res.limiter.allow(participant["id"]):
+        raise TooManyRequests("you are sending messages too quickly; please wait a moment")
+
+    state = engine.State.from_dict(json.loads(participant["state"]))
+    if state.stage == "done":
+        raise Conflict("this conversation has ended")
+    factors = json.loads(participant["factors"])
+    problem = scores = None
+    if engine.needs_classification(state):
+        verdict = await classify_async(res.classifier, text, res.inference)
+        problem, scores = verdict.label, verdict.scores
+    seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
+    step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
+    latency = int((time.perf_counter() - started) * 1000)
+    replies = [store.NewMessage("bot", r.kind, r.text, r.produced_by, latency_ms=latency) for r in step.replies]
+    incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message",
+                                "[e-mail address]" if step.email else text, client_message_id=client_id)
+    stored = await res.store.run(store.record_turn, store.Turn(
+        participant_id=participant["id"], expected_version=participant["version"],
+        turn=participant["turns"] + 1,
+        incoming=incoming, replies=replies, state=step.state.to_dict(),
+        status="finished" if step.state.stage == "done" else "started",
+        problem_type=problem, scores=scores, email=step.email))
+    return _turn_response(study, participant, stored, values, expects=step.expects)
+
+
+def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapping[str, str],
+                   expects: str | None = None, repeat: bool = False) -> Response:
+    if expects is None:
+        # A repeated request: what comes next follows from the last reply it got.
+        kinds = [row["kind"] for row in rows]
+        expects = "done" if "thanks" in kinds else "email" if ("closing" in kinds or "email_retry" in kinds) else "message"
+    body = {"replies": [_stored_reply(row, study, values) for row in rows], "expects": expects}
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: Request) -> Response:
+    res = _resources(request)
+    ok = await res.store.run(store.ping)
+    return JSONResponse({"status": "ok" if ok else "error", "pid": os.getpid(),
+                         "classifier": res.classifier is not None})
+
+
+async def index(request: Request) -> Response:
+    # A GET never creates a session: link-preview bots may open the study URL.
+    return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+async def _combot_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CombotError)
+    return JSONResponse({"error": str(exc)}, status_code=exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "something went wrong on the server; please try again"}, status_code=500)
+
+
+class RequestTimeout:
+    """Answer 503 when a request runs past the configured time, instead of leaving the page hanging."""
+
+    def __init__(self, app: Any, seconds: float):
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.seconds <= 0:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.seconds)
+        except asyncio.TimeoutError:
+            log.warning("request %s %s timed out after %.0f s", scope.get("method"), scope.get("path"), self.seconds)
+            if not started:
+                response = JSONResponse({"error": "the server took too long to answer; please try again"}, 503)
+                await response(scope, receive, send)
+
+
+# --- the factory ----------------------------------------------------------------------------------
+
+def create_app(config_path: str | None = None, database: str | None = None, study: Study | None = None) -> Starlette:
+    """Build the app. Hypercorn workers call this by name (`combot.web:create_app()`): it reads
+    COMBOT_CONFIG and COMBOT_DB when no arguments are given; nothing heavy happens until the lifespan."""
+    if study is None:
+        study = load_study(config_path or os.environ.get("COMBOT_CONFIG") or None)
+    db_path = database or study.settings["server.database"]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        handle = store.Store(db_path)
+        await handle.open()
+        loop = asyncio.get_running_loop()
+        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-classify")
+        classifier = await loop.run_in_executor(inference, load_classifier, study)
+        app.state.resources = Resources(study, handle, classifier, inference,
+                                        RateLimiter(study.settings["server.rate_limit"], 60.0))
+        try:
+            yield
+        finally:
+            await handle.close()
+            inference.shutdown(wait=False)
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/api/sessions", create_session, methods=["POST"]),
+        Route("/api/sessions/{session_id}", get_session),
+        Route("/api/sessions/{session_id}/messages", post_message, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=static_dir()), name="static"),
+    ]
+    middleware = [
+        Middleware(TrustedHostMiddleware, allowed_hosts=study.settings["server.trusted_hosts"]),
+        Middleware(RequestTimeout, seconds=study.settings["server.request_timeout"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={CombotError: _combot_error, HTTPException: _http_error, Exception: _unexpected},
+    )
