@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+
+from combot import store
+from combot.errors import Conflict
+from combot.store import NewMessage, Turn
+
+
+def _choose(counts: Mapping[str, int]) -> tuple[str, int, dict[str, str], str]:
+    return "x", 1, {"f": "x"}, "test"
+
+
+def _greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[NewMessage]]:
+    return {"stage": "chat", "turn": 0}, [NewMessage("bot", "greeting", "Hello")]
+
+
+def new(conn: sqlite3.Connection, pid: str = "p1", platform_id: str | None = None) -> sqlite3.Row:
+    row, _ = store.create_participant(conn, participant_id=pid, token="tok-" + pid, choose_cell=_choose,
+                                      greet=_greet, url_params={"PROLIFIC_PID": platform_id or ""},
+                                      platform_id=platform_id)
+    return row
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    return store.connect(tmp_path / "test.db")
+
+
+def test_connect_sets_wal_full_sync_and_schema(conn: sqlite3.Connection) -> None:
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(store.SCHEMA_VERSION)
+    assert {"participants", "messages", "emails"} <= {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+
+
+def test_migrating_twice_is_harmless(tmp_path: Path) -> None:
+    store.connect(tmp_path / "a.db").close()
+    assert store.migrate(store.connect(tmp_path / "a.db")) == store.SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "a.db")
+    conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(RuntimeError, match="schema version 999"):
+        store.connect(tmp_path / "a.db")
+
+
+def test_create_stores_participant_and_greeting(conn: sqlite3.Connection) -> None:
+    row = new(conn)
+    assert row["status"] == "started" and row["cell"] == "x" and json.loads(row["factors"]) == {"f": "x"}
+    assert [m["text"] for m in store.transcript(conn, "p1")] == ["Hello"]
+    assert store.participant_by_token(conn, "tok-p1")["id"] == "p1"
+
+
+def test_a_returning_platform_id_gets_the_same_participant(conn: sqlite3.Connection) -> None:
+    first = new(conn, "p1", platform_id="abc")
+    again, created = store.create_participant(conn, participant_id="p2", token="tok-p2", choose_cell=_choose,
+                                              greet=_greet, platform_id="abc")
+    assert not created and again["id"] == first["id"]
+    assert conn.execute("SELECT count(*) FROM participants").fetchone()[0] == 1
+
+
+def turn(version: int, client_id: str | None, text: str = "hi", email: str | None = None) -> Turn:
+    return Turn(participant_id="p1", expected_version=version, turn=version + 1,
+                incoming=NewMessage("participant", "message", text, client_message_id=client_id),
+                replies=[NewMessage("bot", "question", f"reply to {text}", "script", latency_ms=3)],
+                state={"stage": "chat", "turn": version + 1}, status="started", problem_type="A" if version == 0 else None,
+                scores={"A": 0.9, "B": 0.1} if version == 0 else None, email=email)
+
+
+def test_record_turn_is_atomic_and_idempotent(conn: sqlite3.Connection) -> None:
+    new(conn)
+    replies = store.record_turn(conn, turn(0, "c1"))
+    assert [r["text"] for r in replies] == ["reply to hi"]
+    # A retry of the same client message id returns the same reply and stores nothing twice.
+    again = store.record_turn(conn, turn(0, "c1"))
+    assert [r["id"] for r in again] == [r["id"] for r in replies]
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+    row = conn.execute("SELECT * FROM participants").fetchone()
+    assert row["version"] == 1 and row["problem_type"] == "A" and json.loads(row["scores"])["A"] == 0.9
+
+
+def test_a_stale_turn_is_a_conflict_and_writes_nothing(conn: sqlite3.Connection) -> None:
+    new(conn)
+    store.record_turn(conn, turn(0, "c1"))
+    with pytest.raises(Conflict):
+        store.record_turn(conn, turn(0, "c2", text="other"))
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+
+
+def test_email_goes_to_its_own_table(conn: sqlite3.Connection) -> None:
+    new(conn)
+    store.record_turn(conn, turn(0, None, text="[e-mail address]", email="a@example.com"))
+    assert conn.execute("SELECT email FROM emails").fetchone()[0] == "a@example.com"
+    assert "a@example.com" not in json.dumps([dict(r) for r in conn.execute("SELECT * FROM messages")])
+
+
+def test_writes_are_visible_to_another_connection_at_once(tmp_path: Path) -> None:
+    writer, reader = store.connect(tmp_path / "a.db"), store.connect(tmp_path / "a.db")
+    new(writer)
+    assert reader.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
