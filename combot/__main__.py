@@ -1,4 +1,4 @@
-from combot.cli import cli
+from combot.cli import main
 
 if __name__ == "__main__":
-    cli(prog_name="combot")
+    main()

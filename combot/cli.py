@@ -110,5 +110,10 @@ def check(config_path: str | None) -> None:
         click.echo(f"  {study.cell_number(cell)}. {study.cell_label(cell)}  follow-ups: {study.followup_mode(cell)}")
 
 
+def main() -> None:
+    """Entry point of the `combot` script and the .pyz."""
+    cli(prog_name="combot")
+
+
 # --- classifier commands (classify, train) ---
 # --- end classifier commands ---

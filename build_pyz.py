@@ -1,0 +1,97 @@
+"""Build dist/combot.pyz: one file that runs Combot on any machine with a matching Python.
+
+    python build_pyz.py                       # for this machine's platform and Python
+    python build_pyz.py --platform manylinux2014_aarch64 --python-version 3.12
+
+The archive holds the combot package, static/, model/, the default combot.toml and every run-time
+dependency, made with shiv (https://shiv.readthedocs.io): native libraries (onnxruntime, tokenizers,
+numpy) are unpacked once into ~/.shiv on first start (SHIV_ROOT moves it). Only run-time
+dependencies go in: nothing for tests, building or torch. Needs only Python and pip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+# Resolved with their dependencies.
+RUNTIME = ["starlette>=0.40", "hypercorn>=0.17", "sqlite-utils>=3.36", "click>=8.1", "httpx>=0.27", "numpy>=1.26"]
+# Installed without their declared dependencies: onnxruntime's (sympy, protobuf, flatbuffers, packaging)
+# serve its model tools, and tokenizers' (huggingface_hub and its tree) serve downloads, neither of
+# which Combot uses; inference needs only numpy, which is above.
+NO_DEPS = ["onnxruntime>=1.17", "tokenizers>=0.15"]
+BUNDLED = ["static", "model", "combot.toml"]
+SHIV = "shiv==1.0.8"
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", *args], check=True)
+
+
+def target_args(platform: str | None, python_version: str | None) -> list[str]:
+    args: list[str] = []
+    if platform or python_version:
+        args += ["--only-binary=:all:", "--implementation", "cp"]
+        for tag in (platform or "").split(","):
+            if tag:
+                args += ["--platform", tag]
+        if python_version:
+            args += ["--python-version", python_version]
+    return args
+
+
+def build(output: Path, platform: str | None = None, python_version: str | None = None) -> Path:
+    for name in BUNDLED:
+        if not (ROOT / name).exists():
+            raise SystemExit(f"missing {name}: run this from a complete checkout")
+    if not any((ROOT / "model").glob("*.onnx")):
+        raise SystemExit("model/ has no .onnx file: build it with `python tools/build_model.py`")
+    with tempfile.TemporaryDirectory(prefix="combot-pyz-") as tmp:
+        site = Path(tmp) / "site-packages"
+        tools = Path(tmp) / "tools"
+        extra = target_args(platform, python_version)
+        pip("--target", str(site), "--no-compile", *extra, *RUNTIME)
+        pip("--target", str(site), "--no-compile", "--no-deps", *extra, *NO_DEPS)
+        # The package itself, with its data inside it, so it is found wherever shiv unpacks it.
+        shutil.copytree(ROOT / "combot", site / "combot", ignore=shutil.ignore_patterns("__pycache__", "_bundled"))
+        bundled = site / "combot" / "_bundled"
+        bundled.mkdir()
+        for name in BUNDLED:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, bundled / name, ignore=shutil.ignore_patterns("__pycache__", "*.fp32.onnx"))
+            else:
+                shutil.copy2(source, bundled / name)
+        for cache in site.rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
+        # shiv runs from its own temporary install: the build needs nothing but pip.
+        pip("--target", str(tools), SHIV)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(tools)}
+        subprocess.run([sys.executable, "-m", "shiv", "--site-packages", str(site), "--entry-point", "combot.cli:main",
+                        "--output-file", str(output), "--python", "/usr/bin/env python3", "--compressed",
+                        "--reproducible"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(ROOT / "dist" / "combot.pyz"), help="where to write the archive")
+    parser.add_argument("--platform", help="wheel platform tag(s) of the target machine, comma-separated, e.g. "
+                        "manylinux2014_x86_64 or manylinux2014_aarch64 (default: this machine)")
+    parser.add_argument("--python-version", help="the target machine's Python, e.g. 3.12 (default: this Python)")
+    args = parser.parse_args()
+    output = build(Path(args.output), args.platform, args.python_version)
+    size = output.stat().st_size / 1e6
+    print(f"built {output} ({size:.1f} MB)")
+    print(f"run it with: python3 {output} serve")
+
+
+if __name__ == "__main__":
+    main()
