@@ -110,6 +110,48 @@ def check(config_path: str | None) -> None:
         click.echo(f"  {study.cell_number(cell)}. {study.cell_label(cell)}  follow-ups: {study.followup_mode(cell)}")
 
 
+@cli.command()
+@click.option("--users", default="30", show_default=True,
+              help="Simulated participants at once; a list such as 1,5,10,30,100 runs each level in turn.")
+@click.option("--url", help="Bench a running server instead of starting one.")
+@click.option("--workers", default=8, show_default=True, help="Worker processes of the server it starts.")
+@click.option("--think-time", default=0.0, show_default=True, help="Mean seconds between a participant's messages.")
+@click.option("--mode", type=click.Choice(["full", "first-message"]), default="full", show_default=True,
+              help="Walk the whole study, or time only the first message (the original's test).")
+@click.option("--llm-latency", default=1.0, show_default=True, help="Seconds the built-in fake LLM takes per reply.")
+@click.option("--no-llm", is_flag=True, help="Use the offline paraphraser (same as --llm-latency 0).")
+@click.option("--duration", default=0.0, help="Keep participants cycling through the study for this many seconds.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the whole report to this file.")
+@click.option("--seed", default=1, show_default=True, help="Seed for the simulated participants' choices.")
+@_config_option
+def bench(users: str, url: str | None, workers: int, think_time: float, mode: str, llm_latency: float, no_llm: bool,
+          duration: float, json_path: str | None, seed: int, config_path: str | None) -> None:
+    """Load-test the study with simulated participants and report reply times, memory and data checks."""
+    from combot import bench as bench_module
+
+    try:
+        levels = [int(part) for part in users.split(",") if part.strip()]
+    except ValueError:
+        raise click.ClickException("--users takes a number or a comma-separated list such as 1,5,10") from None
+    if not levels or min(levels) < 1:
+        raise click.ClickException("--users must be at least 1")
+    if config_path:
+        _load(config_path)
+    options = bench_module.BenchOptions(
+        users=levels, url=url, workers=workers, think_time=think_time, mode=mode, llm_latency=llm_latency,
+        use_llm=not no_llm, duration=duration, config_path=config_path, seed=seed, progress=sys.stderr.isatty())
+    try:
+        report = bench_module.run_bench(options, say=lambda line: click.echo(line, err=True))
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(bench_module.format_report(report))
+    if json_path:
+        bench_module.write_json(report, json_path)
+        click.echo(f"\nreport written to {json_path}")
+    if any(level["failed"] for level in report["levels"]):
+        sys.exit(1)
+
+
 def main() -> None:
     """Entry point of the `combot` script and the .pyz."""
     cli(prog_name="combot")
