@@ -1,0 +1,580 @@
+/* The participant's chat page. It talks to the study server's JSON API:
+ *   POST /api/sessions              start (or resume) a conversation; the page's query string is forwarded
+ *   GET  /api/sessions/{id}         the transcript so far, so a refresh or a reopened tab resumes
+ *   POST /api/sessions/{id}/messages  one participant message -> the bot's replies
+ * Every text from the server or the participant goes into the page with textContent, never as HTML;
+ * the survey link is built as an element and only gets an http(s) href.
+ */
+(function () {
+  "use strict";
+
+  // The session is remembered per study URL (path + query), so a different study link starts afresh.
+  var STORAGE_KEY = "combot:session:" + location.pathname + location.search;
+  // Waits between automatic retries of a request that failed on the network or with a 5xx.
+  var RETRY_DELAYS_MS = [800, 1600, 3200, 6400];
+  // The server answers 503 itself when a reply takes too long; this only catches a connection that hangs.
+  var REQUEST_TIMEOUT_MS = 45000;
+  var DEFAULT_MAX_CHARS = 2000;
+  var DEFAULT_COLOUR = "#4a5868";
+
+  var el = {
+    barLogoWrap: document.getElementById("bot-logo-wrap"),
+    barLogo: document.getElementById("bot-logo"),
+    barName: document.getElementById("bot-name"),
+    scroller: document.getElementById("scroller"),
+    loading: document.getElementById("loading"),
+    log: document.getElementById("log"),
+    typing: document.getElementById("typing"),
+    typingAvatar: document.getElementById("typing-avatar"),
+    typingText: document.getElementById("typing-text"),
+    ended: document.getElementById("ended"),
+    status: document.getElementById("status"),
+    notice: document.getElementById("notice"),
+    noticeText: document.getElementById("notice-text"),
+    noticeAction: document.getElementById("notice-action"),
+    form: document.getElementById("composer"),
+    message: document.getElementById("message"),
+    email: document.getElementById("email"),
+    send: document.getElementById("send"),
+    hint: document.getElementById("hint"),
+    counter: document.getElementById("counter")
+  };
+
+  var state = {
+    sessionId: null,
+    expects: "message",
+    maxChars: DEFAULT_MAX_CHARS,
+    bot: { name: "", logo: null },
+    busy: false,
+    failed: null, // the message that could not be sent: {id, text, row}
+    noticeHandler: null
+  };
+
+  // --- small helpers ------------------------------------------------------------------------------
+
+  function sleep(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
+  }
+
+  function newMessageId() {
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
+    }
+    var bytes = new Uint8Array(16);
+    if (window.crypto && window.crypto.getRandomValues) {
+      window.crypto.getRandomValues(bytes);
+    } else {
+      for (var i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    var hex = Array.prototype.map.call(bytes, function (b) { return (b + 0x100).toString(16).slice(1); }).join("");
+    return hex.slice(0, 8) + "-" + hex.slice(8, 12) + "-" + hex.slice(12, 16) + "-" + hex.slice(16, 20) + "-" + hex.slice(20);
+  }
+
+  // The server counts characters as code points (Python's len), not UTF-16 units.
+  function charCount(text) {
+    return Array.from(text).length;
+  }
+
+  function make(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function storageGet() {
+    var stores = [window.localStorage, window.sessionStorage];
+    for (var i = 0; i < stores.length; i++) {
+      try {
+        var value = stores[i] && stores[i].getItem(STORAGE_KEY);
+        if (value) return value;
+      } catch (e) { /* storage can be disabled (private mode, strict settings): carry on without it */ }
+    }
+    return null;
+  }
+
+  function storageSet(value) {
+    [window.localStorage, window.sessionStorage].forEach(function (store) {
+      try {
+        if (value) store.setItem(STORAGE_KEY, value); else store.removeItem(STORAGE_KEY);
+      } catch (e) { /* see storageGet */ }
+    });
+  }
+
+  function safeHttpUrl(raw) {
+    if (typeof raw !== "string" || !raw) return null;
+    try {
+      var url = new URL(raw, location.href);
+      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // --- colours ------------------------------------------------------------------------------------
+
+  function parseHex(colour) {
+    var m = /^#([0-9a-f]{3}|[0-9a-f]{6})$/i.exec(typeof colour === "string" ? colour.trim() : "");
+    if (!m) return null;
+    var hex = m[1].length === 3 ? m[1].replace(/./g, "$&$&") : m[1];
+    return [0, 2, 4].map(function (i) { return parseInt(hex.slice(i, i + 2), 16); });
+  }
+
+  function luminance(rgb) {
+    var c = rgb.map(function (v) {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+    });
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+  }
+
+  function contrast(a, b) {
+    var la = luminance(a), lb = luminance(b);
+    return (Math.max(la, lb) + 0.05) / (Math.min(la, lb) + 0.05);
+  }
+
+  // The bot's colour comes from the study file: white text on it only if that is readable (WCAG AA),
+  // otherwise near-black text, so a researcher's light brand colour never makes the page unreadable.
+  function applyColour(colour) {
+    var rgb = parseHex(colour) || parseHex(DEFAULT_COLOUR);
+    var hex = "#" + rgb.map(function (v) { return (v + 0x100).toString(16).slice(1); }).join("");
+    var onColour = contrast(rgb, [255, 255, 255]) >= 4.5 ? "#ffffff" : "#111418";
+    var root = document.documentElement.style;
+    root.setProperty("--bot", hex);
+    root.setProperty("--on-bot", onColour);
+    var meta = document.querySelector('meta[name="theme-color"]');
+    if (!meta) {
+      meta = document.createElement("meta");
+      meta.name = "theme-color";
+      document.head.appendChild(meta);
+    }
+    meta.content = hex;
+  }
+
+  // --- the bot's presentation ---------------------------------------------------------------------
+
+  function applyBot(bot) {
+    bot = bot && typeof bot === "object" ? bot : {};
+    var name = typeof bot.name === "string" && bot.name.trim() ? bot.name.trim() : "Assistant";
+    var logo = typeof bot.logo === "string" && bot.logo ? safeHttpUrl(bot.logo) : null;
+    state.bot = { name: name, logo: logo };
+    el.barName.textContent = name;
+    document.title = name;
+    applyColour(bot.colour);
+    if (logo) {
+      el.barLogo.src = logo;
+      el.barLogoWrap.hidden = false;
+    } else {
+      el.barLogo.removeAttribute("src");
+      el.barLogoWrap.hidden = true;
+    }
+    el.typingAvatar.replaceChildren(avatar());
+  }
+
+  function avatar() {
+    var box = make("span", "avatar");
+    box.setAttribute("aria-hidden", "true");
+    if (state.bot.logo) {
+      var img = make("img");
+      img.src = state.bot.logo;
+      img.alt = "";
+      img.width = 32;
+      img.height = 32;
+      box.appendChild(img);
+    } else {
+      box.textContent = state.bot.name.charAt(0).toUpperCase();
+      box.classList.add("avatar--letter");
+    }
+    return box;
+  }
+
+  // --- the transcript -----------------------------------------------------------------------------
+
+  function surveyLink(link) {
+    var label = link && typeof link.label === "string" && link.label.trim() ? link.label : "Continue";
+    var href = link ? safeHttpUrl(link.url) : null;
+    if (!href) return make("p", "bubble__linklabel", label);
+    var a = make("a", "survey-link", label);
+    a.href = href;
+    a.rel = "noopener";
+    return a;
+  }
+
+  function addMessage(from, text, link) {
+    var mine = from === "participant";
+    var row = make("div", "msg " + (mine ? "msg--participant" : "msg--bot"));
+    if (!mine) row.appendChild(avatar());
+    var bubble = make("div", "bubble");
+    // Screen readers hear who said what; sighted readers see it from the side and colour.
+    bubble.appendChild(make("span", "visually-hidden", mine ? "You: " : state.bot.name + ": "));
+    bubble.appendChild(make("p", "bubble__text", typeof text === "string" ? text : ""));
+    if (link && typeof link === "object") {
+      row.classList.add("msg--has-link");
+      bubble.appendChild(surveyLink(link));
+    }
+    row.appendChild(bubble);
+    el.log.appendChild(row);
+    scrollToEnd();
+    return row;
+  }
+
+  function markFailed(row, failed) {
+    row.classList.toggle("msg--failed", failed);
+    var flag = row.querySelector(".msg__flag");
+    if (failed && !flag) {
+      row.querySelector(".bubble").appendChild(make("span", "msg__flag", "Not sent"));
+    } else if (!failed && flag) {
+      flag.remove();
+    }
+  }
+
+  function scrollToEnd() {
+    el.scroller.scrollTop = el.scroller.scrollHeight;
+  }
+
+  function renderSession(data) {
+    if (!data || typeof data.session_id !== "string") throw new Error("unexpected answer from the server");
+    state.sessionId = data.session_id;
+    storageSet(data.session_id);
+    state.maxChars = Number.isInteger(data.max_message_chars) && data.max_message_chars > 0
+      ? data.max_message_chars : DEFAULT_MAX_CHARS;
+    applyBot(data.bot);
+    el.loading.hidden = true;
+    el.log.replaceChildren();
+    (Array.isArray(data.messages) ? data.messages : []).forEach(function (m) {
+      if (m && typeof m === "object") addMessage(m.from === "participant" ? "participant" : "bot", m.text, m.link);
+    });
+    state.failed = null;
+    setExpects(data.expects);
+  }
+
+  // --- the composer -------------------------------------------------------------------------------
+
+  function currentInput() {
+    return state.expects === "email" ? el.email : el.message;
+  }
+
+  function setExpects(expects) {
+    var previous = currentInput();
+    state.expects = expects === "email" || expects === "done" ? expects : "message";
+    if (state.expects === "done") {
+      el.form.hidden = true;
+      el.ended.hidden = false;
+      hideNotice();
+      var link = el.log.querySelector(".survey-link");
+      if (link) link.focus({ preventScroll: true });
+      scrollToEnd();
+      return;
+    }
+    el.form.hidden = false;
+    el.ended.hidden = true;
+    var input = currentInput();
+    if (input !== previous && previous.value && !input.value) {
+      input.value = state.expects === "email" ? previous.value.trim() : previous.value;
+      previous.value = "";
+    }
+    el.form.classList.toggle("is-email", state.expects === "email");
+    el.message.hidden = state.expects === "email";
+    el.email.hidden = state.expects !== "email";
+    el.hint.textContent = state.expects === "email"
+      ? "Type your e-mail address and press Enter to send."
+      : "Press Enter to send, Shift+Enter for a new line.";
+    updateComposer();
+  }
+
+  function updateComposer() {
+    var input = currentInput();
+    var count = charCount(input.value.trim());
+    var over = count > state.maxChars;
+    el.counter.textContent = over
+      ? count + " / " + state.maxChars + " characters: please shorten your message"
+      : count + " / " + state.maxChars;
+    el.counter.classList.toggle("is-near", !over && count >= state.maxChars * 0.9);
+    el.counter.classList.toggle("is-over", over);
+    input.setAttribute("aria-invalid", over ? "true" : "false");
+    el.send.disabled = state.busy || state.failed !== null || over || !state.sessionId;
+    if (input === el.message) autoGrow();
+  }
+
+  function autoGrow() {
+    el.message.style.height = "auto";
+    el.message.style.height = Math.min(el.message.scrollHeight + 2, 180) + "px";
+  }
+
+  function focusInput() {
+    if (state.expects === "done" || el.form.hidden) return;
+    currentInput().focus({ preventScroll: true });
+  }
+
+  function setBusy(busy) {
+    state.busy = busy;
+    el.typing.hidden = !busy;
+    el.typingText.textContent = busy ? state.bot.name + " is typing" : "";
+    el.status.textContent = busy ? state.bot.name + " is typing\u2026" : "";
+    el.log.setAttribute("aria-busy", busy ? "true" : "false");
+    updateComposer();
+    if (busy) scrollToEnd();
+  }
+
+  // --- notices ------------------------------------------------------------------------------------
+
+  function showNotice(text, actionLabel, handler) {
+    el.noticeText.textContent = text;
+    state.noticeHandler = handler || null;
+    if (actionLabel && handler) {
+      el.noticeAction.textContent = actionLabel;
+      el.noticeAction.hidden = false;
+    } else {
+      el.noticeAction.hidden = true;
+    }
+    el.notice.hidden = false;
+  }
+
+  function hideNotice() {
+    el.notice.hidden = true;
+    el.noticeText.textContent = "";
+    state.noticeHandler = null;
+  }
+
+  el.noticeAction.addEventListener("click", function () {
+    var handler = state.noticeHandler;
+    hideNotice();
+    if (handler) handler();
+  });
+
+  // --- HTTP ---------------------------------------------------------------------------------------
+
+  function ApiError(status, message) {
+    this.status = status; // 0 for a network failure
+    this.message = message || "";
+  }
+
+  function request(method, path, body) {
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = controller ? setTimeout(function () { controller.abort(); }, REQUEST_TIMEOUT_MS) : null;
+    var options = { method: method, cache: "no-store", credentials: "same-origin", headers: { Accept: "application/json" } };
+    if (controller) options.signal = controller.signal;
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    return fetch(path, options).then(function (response) {
+      return response.json().catch(function () { return null; }).then(function (data) {
+        if (!response.ok) {
+          throw new ApiError(response.status, data && typeof data.error === "string" ? data.error : "");
+        }
+        // A 2xx without a JSON object (a proxy's error page) counts as a server error worth retrying.
+        if (!data || typeof data !== "object") throw new ApiError(502, "");
+        return { status: response.status, data: data };
+      });
+    }, function () {
+      throw new ApiError(0, "");
+    }).finally(function () {
+      if (timer) clearTimeout(timer);
+    });
+  }
+
+  function retryable(error) {
+    return error instanceof ApiError && (error.status === 0 || error.status >= 500);
+  }
+
+  // Network errors and 5xx are retried with backoff; the caller makes the request idempotent
+  // (a message keeps its client_message_id, so the server answers a repeat with the stored replies).
+  async function withRetry(attempt) {
+    for (var i = 0; ; i++) {
+      try {
+        return await attempt();
+      } catch (error) {
+        if (!retryable(error) || i >= RETRY_DELAYS_MS.length) throw error;
+        await sleep(RETRY_DELAYS_MS[i] * (0.75 + Math.random() * 0.5));
+      }
+    }
+  }
+
+  function sessionPath(suffix) {
+    return "api/sessions/" + encodeURIComponent(state.sessionId) + (suffix || "");
+  }
+
+  // --- starting and resuming ----------------------------------------------------------------------
+
+  async function start() {
+    hideNotice();
+    el.loading.hidden = false;
+    var stored = storageGet();
+    if (stored) {
+      state.sessionId = stored;
+      try {
+        renderSession((await withRetry(function () { return request("GET", sessionPath()); })).data);
+        focusInput();
+        return;
+      } catch (error) {
+        if (!(error instanceof ApiError) || error.status !== 404) return startFailed();
+        storageSet(null); // the server no longer knows this session: begin a new one
+        state.sessionId = null;
+      }
+    }
+    try {
+      // The query string (PROLIFIC_PID, STUDY_ID, ...) goes along as it is; the server keeps what it needs.
+      var created = await withRetry(function () { return request("POST", "api/sessions" + location.search, {}); });
+      renderSession(created.data);
+      focusInput();
+    } catch (error) {
+      startFailed();
+    }
+  }
+
+  function startFailed() {
+    el.loading.hidden = true;
+    showNotice("Sorry, the chat could not be loaded. Please check your internet connection and try again.",
+      "Try again", start);
+  }
+
+  // --- sending ------------------------------------------------------------------------------------
+
+  function restoreText(text) {
+    var input = currentInput();
+    if (!input.value.trim()) input.value = text;
+    updateComposer();
+  }
+
+  async function submit() {
+    if (state.busy || !state.sessionId || state.expects === "done") return;
+    if (state.failed) {
+      showNotice("Your last message has not been sent yet. Please send it again first.", "Try again", retryFailed);
+      return;
+    }
+    var input = currentInput();
+    var text = input.value.trim();
+    if (!text) {
+      input.focus();
+      return;
+    }
+    if (charCount(text) > state.maxChars) {
+      showNotice("Your message is longer than " + state.maxChars + " characters. Please shorten it a little.");
+      return;
+    }
+    hideNotice();
+    input.value = "";
+    var pending = { id: newMessageId(), text: text, row: addMessage("participant", text) };
+    updateComposer();
+    await deliver(pending);
+  }
+
+  function retryFailed() {
+    var pending = state.failed;
+    if (!pending) return;
+    state.failed = null;
+    markFailed(pending.row, false);
+    deliver(pending);
+  }
+
+  async function deliver(pending) {
+    setBusy(true);
+    pending.row.classList.add("msg--sending");
+    try {
+      var answer = await withRetry(function () {
+        return request("POST", sessionPath("/messages"), { text: pending.text, client_message_id: pending.id });
+      });
+      pending.row.classList.remove("msg--sending");
+      setBusy(false);
+      var replies = Array.isArray(answer.data.replies) ? answer.data.replies : [];
+      replies.forEach(function (r) {
+        if (r && typeof r === "object") addMessage("bot", r.text, r.link);
+      });
+      setExpects(answer.data.expects);
+    } catch (error) {
+      pending.row.classList.remove("msg--sending");
+      setBusy(false);
+      await handleSendError(error, pending);
+    }
+    focusInput();
+  }
+
+  async function handleSendError(error, pending) {
+    var status = error instanceof ApiError ? error.status : -1;
+    if (status === 409) {
+      // The conversation moved on elsewhere (another tab, or it has ended): show what the server has.
+      return reloadTranscript(pending);
+    }
+    if (status === 400 || status === 413 || status === 422 || status === 429) {
+      pending.row.remove();
+      restoreText(pending.text);
+      var fallback = status === 429
+        ? "You are sending messages a little too quickly. Please wait a moment and send it again."
+        : "Your message could not be sent. Please check it and send it again.";
+      showNotice(politely(error.message) || fallback);
+      return;
+    }
+    if (status === 404) {
+      storageSet(null);
+      markFailed(pending.row, true);
+      showNotice("Sorry, this conversation could not be found on the server any more.", "Start again", function () {
+        location.reload();
+      });
+      state.failed = pending;
+      updateComposer();
+      return;
+    }
+    state.failed = pending;
+    markFailed(pending.row, true);
+    updateComposer();
+    showNotice("Sorry, your message could not be sent. Please check your internet connection and try again.",
+      "Try again", retryFailed);
+  }
+
+  // The server's messages are short lower-case phrases ("the message is empty"): make them a sentence.
+  function politely(message) {
+    var text = (message || "").trim();
+    if (!text) return "";
+    text = text.charAt(0).toUpperCase() + text.slice(1);
+    return /[.!?]$/.test(text) ? text : text + ".";
+  }
+
+  async function reloadTranscript(pending) {
+    try {
+      var answer = await withRetry(function () { return request("GET", sessionPath()); });
+      renderSession(answer.data);
+      var sent = Array.prototype.slice.call(el.log.querySelectorAll(".msg--participant .bubble__text"));
+      var last = sent.length ? sent[sent.length - 1].textContent : null;
+      if (last !== pending.text && state.expects !== "done") {
+        restoreText(pending.text);
+        showNotice("This conversation changed in another window, so it has been reloaded. Your message is back in the box below.");
+      }
+    } catch (error) {
+      state.failed = pending;
+      markFailed(pending.row, true);
+      updateComposer();
+      showNotice("Sorry, the conversation could not be reloaded. Please reload the page.", "Reload", function () {
+        location.reload();
+      });
+    }
+  }
+
+  // --- events -------------------------------------------------------------------------------------
+
+  el.form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    submit();
+  });
+
+  function onKeydown(event) {
+    // Enter sends; Shift+Enter makes a new line; never interrupt an IME composition.
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      if (!el.send.disabled) submit();
+    }
+  }
+
+  [el.message, el.email].forEach(function (input) {
+    input.addEventListener("input", updateComposer);
+    input.addEventListener("keydown", onKeydown);
+  });
+
+  window.addEventListener("resize", function () {
+    if (el.scroller.scrollHeight - el.scroller.scrollTop - el.scroller.clientHeight < 120) scrollToEnd();
+  });
+
+  start();
+})();
