@@ -81,6 +81,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("classifier", "threshold", 0.4, "Top score below which the problem type becomes Other.", float),
     Option("classifier", "max_length", 128, "Tokens after which a message is truncated.", int),
     Option("classifier", "threads", 1, "Threads per inference (onnxruntime intra_op_num_threads).", int),
+    # [llm] An OpenAI-compatible chat-completions service for paraphrase turns. The key is never a
+    # setting (settings are printed, exported and copied into worker environments): only the name
+    # of the environment variable that holds it is.
+    Option("llm", "base_url", "", "Chat-completions base URL, e.g. https://api.openai.com/v1"
+           " ('': no LLM, the offline paraphraser answers).", str, "COMBOT_LLM_URL"),
+    Option("llm", "model", "gpt-4o-mini", "Model name sent to the service.", str, "COMBOT_LLM_MODEL"),
+    Option("llm", "temperature", 0.7, "Sampling temperature.", float, "COMBOT_LLM_TEMPERATURE"),
+    Option("llm", "max_tokens", 150, "Longest LLM reply, in tokens.", int, "COMBOT_LLM_MAX_TOKENS"),
+    Option("llm", "timeout", 4.0, "Seconds an LLM reply may take in all (waiting for a slot included) before"
+           " the offline paraphraser answers instead.", float, "COMBOT_LLM_TIMEOUT"),
+    Option("llm", "max_in_flight", 100, "LLM calls in flight at once per worker; others wait, within the timeout.",
+           int, "COMBOT_LLM_MAX_IN_FLIGHT"),
+    Option("llm", "max_calls_per_participant", 10, "LLM replies per participant (0: no limit); after that the"
+           " offline paraphraser answers.", int, "COMBOT_LLM_MAX_CALLS_PER_PARTICIPANT"),
+    Option("llm", "api_key_env", "OPENAI_API_KEY", "Environment variable that holds the API key (unset: no key"
+           " is sent).", str, "COMBOT_LLM_API_KEY_ENV"),
 )
 
 SECTIONS = sorted({o.section for o in OPTIONS})

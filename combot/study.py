@@ -33,8 +33,11 @@ BLOCK_KINDS: dict[str, dict[str, Any]] = {
     "closing": {"keys": _TEXT, "required": {"text"}, "problem": False},
     "email_retry": {"keys": _TEXT, "required": {"text"}, "problem": False},
     "thanks": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "llm_prompt": {"keys": {"task": str, "system": str}, "required": {"task", "system"}, "problem": True},
 }
 FOLLOWUP_MODES = ("questions", "paraphrase")
+# What an LLM may be asked to do (Reply.llm_task in the engine); each has its own [[llm_prompt]] blocks.
+LLM_TASKS = ("paraphrase",)
 STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int}
 SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str}
 ASSIGNMENT_METHODS = ("balanced", "random")
@@ -105,6 +108,15 @@ class Study:
     def texts(self, kind: str, cell: Cell, problem: str | None = None) -> tuple[str, ...]:
         found = self.block(kind, cell, problem)
         return tuple(found.values["texts"]) if found else ()
+
+    def llm_prompt(self, task: str, cell: Cell, problem: str | None = None) -> str | None:
+        """The system prompt of the most specific [[llm_prompt]] block for this task, cell and problem."""
+        best: Block | None = None
+        for candidate in self.blocks.get("llm_prompt", ()):
+            if (candidate.values["task"] == task and candidate.matches(cell, problem)
+                    and (best is None or len(candidate.when) > len(best.when))):
+                best = candidate
+        return str(best.values["system"]) if best else None
 
     def followup_mode(self, cell: Cell) -> str:
         found = self.block("followups", cell)
@@ -317,6 +329,11 @@ def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factor
         raise check.fail(f"mode must be one of {', '.join(FOLLOWUP_MODES)}", *key, "mode")
     if kind == "presentation" and not _COLOUR.match(values["colour"]):
         raise check.fail("colour must look like #35506b", *key, "colour")
+    if kind == "llm_prompt":
+        if values["task"] not in LLM_TASKS:
+            raise check.fail(f"task must be one of {', '.join(LLM_TASKS)}", *key, "task")
+        if not values["system"].strip():
+            raise check.fail("must not be empty", *key, "system")
     if kind == "paraphrase":
         for text in (*values["texts"], *values.get("short_texts", ())):
             _check_placeholders(text, {"reflection"}, check, *key, "texts")
@@ -344,6 +361,10 @@ def _check_coverage(study: Study, check: _Checker) -> None:
         for problem in study.problem_types:
             if study.followup_turns and not study.texts("paraphrase", cell, problem):
                 raise check.fail(f"no [[paraphrase]] block applies to cell {label}, problem {problem}", "paraphrase")
+            if (study.followup_turns and study.settings["llm.base_url"]
+                    and study.llm_prompt("paraphrase", cell, problem) is None):
+                raise check.fail(f"an LLM is configured but no [[llm_prompt]] with task = \"paraphrase\" applies to"
+                                 f" cell {label}, problem {problem}", "llm_prompt")
             if mode == "questions" and problem != study.catch_all and study.followup_turns:
                 bank = study.block("questions", cell, problem)
                 if bank is None:
