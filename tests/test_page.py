@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -346,3 +347,27 @@ def test_a_refused_message_keeps_what_was_typed(live_server: Callable[..., Any],
     assert "2001 / 2000" in page.locator("#counter").inner_text()
     assert page.locator("#send").is_disabled()
     assert read_db(server.database)["messages"][-1]["sender"] == "bot"
+
+
+def test_a_conversation_finished_elsewhere_reloads_on_conflict(live_server: Callable[..., Any],
+                                                              phone: Callable[[str], Phone]) -> None:
+    server = live_server(workers=1)
+    browser = phone(server.url)
+    page = browser.open()
+    token = page.evaluate("Object.entries(localStorage).find(([k]) => k.startsWith('combot:session:'))[1]")
+    # Another tab (here: a plain HTTP client) finishes the conversation while this page still shows the input.
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        expected = "message"
+        answers = iter([FIRST, "one", "two", "three", "four", "five", EMAIL])
+        while expected != "done":
+            reply = client.post(f"api/sessions/{token}/messages", json={"text": next(answers)})
+            assert reply.status_code == 200, reply.text
+            expected = reply.json()["expects"]
+    page.locator("#message").fill("Is anyone there?")
+    page.locator("#message").press("Enter")
+    page.wait_for_selector("#log a.survey-link")
+    assert expects(page) == "done"
+    assert ("participant", "Is anyone there?") not in transcript(page)
+    stored = [(m["sender"], m["text"]) for m in read_db(server.database)["messages"]]
+    assert transcript(page) == stored
+    assert not browser.outside
