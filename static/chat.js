@@ -28,6 +28,14 @@
     typingAvatar: document.getElementById("typing-avatar"),
     typingText: document.getElementById("typing-text"),
     ended: document.getElementById("ended"),
+    handoff: document.getElementById("handoff"),
+    handoffText: document.getElementById("handoff-text"),
+    consent: document.getElementById("consent"),
+    consentTitle: document.getElementById("consent-title"),
+    consentText: document.getElementById("consent-text"),
+    consentAgree: document.getElementById("consent-agree"),
+    consentDecline: document.getElementById("consent-decline"),
+    declined: document.getElementById("declined"),
     status: document.getElementById("status"),
     notice: document.getElementById("notice"),
     noticeText: document.getElementById("notice-text"),
@@ -47,7 +55,9 @@
     bot: { name: "", logo: null },
     busy: false,
     failed: null, // the message that could not be sent: {id, text, row}
-    noticeHandler: null
+    noticeHandler: null,
+    declinedText: "",
+    redirectTimer: null
   };
 
   // --- small helpers ------------------------------------------------------------------------------
@@ -247,7 +257,7 @@
       if (m && typeof m === "object") addMessage(m.from === "participant" ? "participant" : "bot", m.text, m.link);
     });
     state.failed = null;
-    setExpects(data.expects);
+    setExpects(data.expects, data.redirect);
   }
 
   // --- the composer -------------------------------------------------------------------------------
@@ -256,14 +266,15 @@
     return state.expects === "email" ? el.email : el.message;
   }
 
-  function setExpects(expects) {
+  function setExpects(expects, redirect) {
     var previous = currentInput();
     state.expects = expects === "email" || expects === "done" ? expects : "message";
     if (state.expects === "done") {
       el.form.hidden = true;
       el.ended.hidden = false;
       hideNotice();
-      var link = el.log.querySelector(".survey-link");
+      showHandoff(redirect);
+      var link = el.log.querySelector(".survey-link") || el.handoff.querySelector("a");
       if (link) link.focus({ preventScroll: true });
       scrollToEnd();
       return;
@@ -282,6 +293,36 @@
       ? "Type your e-mail address and press Enter to send."
       : "Press Enter to send, Shift+Enter for a new line.";
     updateComposer();
+  }
+
+  // The way back to the recruitment platform (e.g. Prolific's completion URL), when the study has one.
+  // With a delay the page follows it by itself; without one (there is a survey to do first) it only
+  // offers the link.
+  function showHandoff(redirect) {
+    if (state.redirectTimer) clearTimeout(state.redirectTimer);
+    state.redirectTimer = null;
+    Array.prototype.forEach.call(el.handoff.querySelectorAll("a"), function (a) { a.remove(); });
+    el.handoff.hidden = true;
+    var href = redirect && typeof redirect === "object" ? safeHttpUrl(redirect.url) : null;
+    if (!href) return;
+    var label = typeof redirect.label === "string" && redirect.label.trim() ? redirect.label : "Continue";
+    var delay = redirect.after_seconds;
+    var surveyFirst = el.log.querySelector(".survey-link") !== null;
+    var a = make("a", surveyFirst ? "survey-link survey-link--secondary" : "survey-link", label);
+    a.href = href;
+    a.rel = "noopener";
+    if (typeof delay === "number" && isFinite(delay) && delay >= 0) {
+      el.handoffText.textContent = "You will be taken there automatically in " + Math.round(delay) +
+        (Math.round(delay) === 1 ? " second." : " seconds.");
+      state.redirectTimer = setTimeout(function () { location.assign(href); }, delay * 1000);
+    } else {
+      el.handoffText.textContent = surveyFirst
+        ? "When you have finished the survey, use this button to return to the study platform."
+        : "";
+    }
+    el.handoffText.hidden = !el.handoffText.textContent;
+    el.handoff.appendChild(a);
+    el.handoff.hidden = false;
   }
 
   function updateComposer() {
@@ -421,9 +462,78 @@
       renderSession(created.data);
       focusInput();
     } catch (error) {
+      // 403: the study asks for consent before a session starts.
+      if (error instanceof ApiError && error.status === 403) return showConsent();
       startFailed();
     }
   }
+
+  // --- consent ------------------------------------------------------------------------------------
+
+  async function showConsent() {
+    var info;
+    try {
+      info = (await withRetry(function () { return request("GET", "api/consent"); })).data;
+    } catch (error) {
+      return startFailed();
+    }
+    el.loading.hidden = true;
+    el.consentTitle.textContent = typeof info.title === "string" && info.title ? info.title : "Before you start";
+    el.consentText.replaceChildren();
+    (Array.isArray(info.paragraphs) ? info.paragraphs : []).forEach(function (text) {
+      if (typeof text === "string") el.consentText.appendChild(make("p", null, text));
+    });
+    el.consentAgree.textContent = typeof info.agree_label === "string" && info.agree_label
+      ? info.agree_label : "I agree, start the chat";
+    el.consentDecline.textContent = typeof info.decline_label === "string" && info.decline_label
+      ? info.decline_label : "I do not want to take part";
+    state.declinedText = typeof info.declined_text === "string" ? info.declined_text : "";
+    setConsentBusy(false);
+    el.consent.hidden = false;
+    el.consentTitle.setAttribute("tabindex", "-1");
+    el.consentTitle.focus({ preventScroll: true });
+  }
+
+  function setConsentBusy(busy) {
+    el.consentAgree.disabled = busy;
+    el.consentDecline.disabled = busy;
+  }
+
+  async function agree() {
+    hideNotice();
+    setConsentBusy(true);
+    try {
+      var created = await withRetry(function () {
+        return request("POST", "api/sessions" + location.search, { consent: true });
+      });
+      el.consent.hidden = true;
+      renderSession(created.data);
+      focusInput();
+    } catch (error) {
+      setConsentBusy(false);
+      showNotice("Sorry, the chat could not be started. Please check your internet connection and try again.",
+        "Try again", agree);
+    }
+  }
+
+  async function decline() {
+    hideNotice();
+    setConsentBusy(true);
+    try {
+      var answer = await withRetry(function () { return request("POST", "api/declines" + location.search, {}); });
+      el.consent.hidden = true;
+      el.declined.textContent = typeof answer.data.text === "string" && answer.data.text
+        ? answer.data.text : state.declinedText || "Thank you. You can close this page now.";
+      el.declined.hidden = false;
+    } catch (error) {
+      setConsentBusy(false);
+      showNotice("Sorry, that did not go through. Please check your internet connection and try again.",
+        "Try again", decline);
+    }
+  }
+
+  el.consentAgree.addEventListener("click", agree);
+  el.consentDecline.addEventListener("click", decline);
 
   function startFailed() {
     el.loading.hidden = true;
@@ -483,7 +593,7 @@
       replies.forEach(function (r) {
         if (r && typeof r === "object") addMessage("bot", r.text, r.link);
       });
-      setExpects(answer.data.expects);
+      setExpects(answer.data.expects, answer.data.redirect);
     } catch (error) {
       pending.row.classList.remove("msg--sending");
       setBusy(false);
