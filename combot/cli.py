@@ -152,6 +152,30 @@ def bench(users: str, url: str | None, workers: int, think_time: float, mode: st
         sys.exit(1)
 
 
+@cli.command("export")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write into (created if missing).")
+@click.option("--anonymise", "--anonymize", "anonymise", is_flag=True,
+              help="Leave out personal.csv (e-mail addresses, platform ids, URL parameters, browsers).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
+              help="CSV (with spreadsheet-safe text) or JSON Lines.")
+@_config_option
+@_setting_options("server", ("database",))
+def export_command(out_dir: str, anonymise: bool, fmt: str, config_path: str | None, **flags: Any) -> None:
+    """Export participants, messages, a codebook and (unless --anonymise) personal data for analysis."""
+    from combot import export
+
+    study = _load(config_path, "server", flags)
+    try:
+        conn = export.open_database(study.settings["server.database"])
+        counts = export.export_to_dir(conn, study, out_dir, anonymise=anonymise, fmt=fmt)
+    except export.ExportError as error:
+        raise click.ClickException(str(error)) from None
+    for name, n in counts.items():
+        click.echo(f"  {name}.{fmt}: {n} rows")
+    click.echo(f"  codebook.md\nWritten to {Path(out_dir).resolve()}")
+
+
 def main() -> None:
     """Entry point of the `combot` script and the .pyz."""
     cli(prog_name="combot")

@@ -40,6 +40,12 @@ class Unauthorized(CombotError):
     status_code = 401
 
 
+class ConsentRequired(CombotError):
+    """The study asks for consent first, and this request to start a session did not carry it."""
+
+    status_code = 403
+
+
 class NotFound(CombotError):
     """No such session or page."""
 

@@ -97,6 +97,34 @@ OPTIONS: tuple[Option, ...] = (
            " offline paraphraser answers.", int, "COMBOT_LLM_MAX_CALLS_PER_PARTICIPANT"),
     Option("llm", "api_key_env", "OPENAI_API_KEY", "Environment variable that holds the API key (unset: no key"
            " is sent).", str, "COMBOT_LLM_API_KEY_ENV"),
+    # [recruitment] What the study URL brings from a recruitment platform. Ethics boards treat these
+    # as personal data: they are stored apart from the research data and left out of --anonymise.
+    Option("recruitment", "params", ["PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "participant_label"],
+           "URL parameters kept with a participant (usable as {NAME} in the survey and completion URLs).",
+           list, "COMBOT_RECRUITMENT_PARAMS"),
+    Option("recruitment", "platform_id", "PROLIFIC_PID", "The parameter that identifies a person: a returning"
+           " one resumes their session instead of getting a new cell ('': none).", str, "COMBOT_PLATFORM_ID"),
+    # [consent] A consent or welcome page before the chat; the session starts only after "I agree".
+    Option("consent", "enabled", False, "Show the consent page before the chat.", bool, "COMBOT_CONSENT"),
+    Option("consent", "title", "Before you start", "Heading of the consent page.", str, "COMBOT_CONSENT_TITLE"),
+    Option("consent", "text", "In this study you will chat with a customer-service chatbot about a recent"
+           " experience. It takes about ten minutes. Taking part is voluntary and you may stop at any time.",
+           "Text of the consent page (a blank line starts a new paragraph).", str, "COMBOT_CONSENT_TEXT"),
+    Option("consent", "agree_label", "I agree, start the chat", "The button that starts the chat.", str,
+           "COMBOT_CONSENT_AGREE_LABEL"),
+    Option("consent", "decline_label", "I do not want to take part", "The button that declines.", str,
+           "COMBOT_CONSENT_DECLINE_LABEL"),
+    Option("consent", "declined_text", "Thank you. You have chosen not to take part; nothing else will be"
+           " recorded. You can close this page now.", "Shown after declining.", str, "COMBOT_CONSENT_DECLINED_TEXT"),
+    # [admin] The researcher's dashboard (/admin); the token itself is server.admin_token.
+    Option("admin", "window_minutes", 15, "Minutes of recent activity behind reply times and the error rate.", int,
+           "COMBOT_ADMIN_WINDOW_MINUTES"),
+    Option("admin", "memory_warn_percent", 80.0, "Warn when the machine's memory in use passes this share.", float,
+           "COMBOT_ADMIN_MEMORY_WARN_PERCENT"),
+    Option("admin", "reply_warn_seconds", 30.0, "Warn when the average reply takes longer than this.", float,
+           "COMBOT_ADMIN_REPLY_WARN_SECONDS"),
+    Option("admin", "success_warn_percent", 95.0, "Warn when fewer requests than this succeed.", float,
+           "COMBOT_ADMIN_SUCCESS_WARN_PERCENT"),
 )
 
 SECTIONS = sorted({o.section for o in OPTIONS})

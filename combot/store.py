@@ -13,7 +13,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -55,7 +55,19 @@ def _v1(db: sqlite_utils.Database) -> None:
                         foreign_keys=[("participant_id", "participants", "id")])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    """The researcher's side: when consent was given, server errors, and each worker's memory."""
+    db["participants"].add_column("consented_at", str)
+    db["participants"].create_index(["updated_at"])
+    db["messages"].create_index(["created_at"])  # the dashboard looks at the last few minutes
+    db["events"].create({"id": int, "at": str, "kind": str, "pid": int, "path": str, "status": int, "detail": str},
+                        pk="id", not_null={"at", "kind"})
+    db["events"].create_index(["at"])
+    db["workers"].create({"pid": int, "started_at": str, "seen_at": str, "rss_bytes": int, "host": str},
+                         pk=("pid", "started_at"), not_null={"seen_at"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -128,35 +140,109 @@ def create_participant(
     user_agent: str = "",
     url_params: Mapping[str, str] | None = None,
     platform_id: str | None = None,
+    fill: str = "started",
+    active_minutes: float = 30,
+    consented: bool = False,
 ) -> tuple[sqlite3.Row, bool]:
     """Assign a cell and store a new participant with the greeting, atomically across processes.
 
     `choose_cell` sees the number of participants per cell (counted inside the write lock, so
-    concurrent arrivals never over-fill a cell). A returning platform id gets its old row back
-    (second value False) instead of a new draw.
+    concurrent arrivals never over-fill a cell; `fill` says who counts, see `cell_counts`). A
+    returning platform id gets its old row back (second value False) instead of a new draw.
     """
     with transaction(conn):
         if platform_id:
-            existing = conn.execute(
-                "SELECT * FROM participants WHERE platform_id = ? ORDER BY created_at LIMIT 1", (platform_id,)
-            ).fetchone()
+            existing = participant_by_platform_id(conn, platform_id)
             if existing is not None:
                 return existing, False
-        counts = {row["cell"]: row["n"] for row in conn.execute(
-            "SELECT cell, count(*) AS n FROM participants WHERE status != 'declined' GROUP BY cell")}
+        counts = cell_counts(conn, fill, active_minutes)
         label, number, factors, method = choose_cell(counts)
         state, greeting = greet(factors)
         stamp = now()
         conn.execute(
             "INSERT INTO participants (id, token, cell, cell_number, factors, assignment, state, version, status,"
-            " turns, created_at, updated_at, user_agent, url_params, platform_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?)",
+            " turns, created_at, updated_at, user_agent, url_params, platform_id, consented_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?, ?)",
             (participant_id, token, label, number, json.dumps(dict(factors)), method, json.dumps(state), stamp, stamp,
-             user_agent[:500], json.dumps(dict(url_params or {})), platform_id),
+             user_agent[:500], json.dumps(dict(url_params or {})), platform_id, stamp if consented else None),
         )
         _insert_messages(conn, participant_id, 0, greeting, None, stamp)
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
     return row, True
+
+
+def cell_counts(conn: sqlite3.Connection, fill: str = "started", active_minutes: float = 30) -> dict[str, int]:
+    """Participants per cell label as balanced assignment counts them.
+
+    "started": everyone ever given the cell. "finished_or_active": those who finished plus those
+    who wrote within the last `active_minutes`, so an abandoned session frees its slot. A decline
+    never has a cell and never counts.
+    """
+    if fill == "finished_or_active":
+        rows = conn.execute(
+            "SELECT cell, count(*) AS n FROM participants WHERE status = 'finished'"
+            " OR (status = 'started' AND updated_at >= ?) GROUP BY cell", (ago(active_minutes * 60),))
+    else:
+        rows = conn.execute("SELECT cell, count(*) AS n FROM participants WHERE status != 'declined' GROUP BY cell")
+    return {row["cell"]: row["n"] for row in rows}
+
+
+def ago(seconds: float) -> str:
+    """The `now()` of `seconds` ago, for comparing with stored timestamps as text."""
+    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def participant_by_platform_id(conn: sqlite3.Connection, platform_id: str) -> sqlite3.Row | None:
+    """The first session of this recruitment-platform id (a decline is not a session to resume)."""
+    return conn.execute("SELECT * FROM participants WHERE platform_id = ? AND status != 'declined'"
+                        " ORDER BY created_at LIMIT 1", (platform_id,)).fetchone()
+
+
+def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str, user_agent: str = "",
+                   url_params: Mapping[str, str] | None = None, platform_id: str | None = None) -> None:
+    """A person who saw the consent page and declined: a row without a cell, so it fills none."""
+    stamp = now()
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO participants (id, token, cell, factors, state, version, status, turns, created_at,"
+            " updated_at, user_agent, url_params, platform_id) VALUES (?, ?, '', '{}', '{}', 0, 'declined', 0,"
+            " ?, ?, ?, ?, ?)",
+            (participant_id, token, stamp, stamp, user_agent[:500], json.dumps(dict(url_params or {})), platform_id))
+
+
+def record_event(conn: sqlite3.Connection, kind: str, *, path: str = "", status: int | None = None,
+                 detail: str = "", pid: int | None = None) -> None:
+    """Something the dashboard should count, such as a request that failed on the server's side."""
+    with transaction(conn):
+        conn.execute("INSERT INTO events (at, kind, pid, path, status, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                     (now(), kind, pid, path[:200], status, detail[:500]))
+
+
+def record_worker(conn: sqlite3.Connection, *, pid: int, started_at: str, rss_bytes: int, host: str = "") -> None:
+    """A worker's heartbeat with its memory; rows of workers gone for an hour are dropped."""
+    stamp = now()
+    with transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO workers (pid, started_at, seen_at, rss_bytes, host) VALUES (?, ?, ?, ?, ?)",
+                     (pid, started_at, stamp, rss_bytes, host))
+        conn.execute("DELETE FROM workers WHERE seen_at < ?", (ago(3600),))
+
+
+def participant_by_token(conn: sqlite3.Connection, token: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM participants WHERE token = ?", (token,)).fetchone()
+
+
+def transcript(conn: sqlite3.Connection, participant_id: str) -> list[sqlite3.Row]:
+    return conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY id", (participant_id,)).fetchall()
+
+
+def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id: str) -> list[sqlite3.Row] | None:
+    """The bot's replies to an earlier message with this client id, or None if it never arrived."""
+    sent = conn.execute("SELECT id FROM messages WHERE participant_id = ? AND client_message_id = ?",
+                        (participant_id, client_message_id)).fetchone()
+    if sent is None:
+        return None
+    return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (sent["id"],)).fetchall()
 
 
 def participant_by_token(conn: sqlite3.Connection, token: str) -> sqlite3.Row | None:

@@ -38,9 +38,12 @@ BLOCK_KINDS: dict[str, dict[str, Any]] = {
 FOLLOWUP_MODES = ("questions", "paraphrase")
 # What an LLM may be asked to do (Reply.llm_task in the engine); each has its own [[llm_prompt]] blocks.
 LLM_TASKS = ("paraphrase",)
-STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int}
-SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str}
+STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int,
+              "fill": str, "active_minutes": int}
+SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str, "completion_label": str}
 ASSIGNMENT_METHODS = ("balanced", "random")
+# What counts towards a cell's size for balanced assignment (see store.cell_counts).
+FILL_RULES = ("started", "finished_or_active")
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
@@ -75,6 +78,9 @@ class Study:
     blocks: Mapping[str, tuple[Block, ...]]
     settings: Settings = field(default_factory=lambda: resolve({}, {}))
     path: str = "<default>"
+    fill: str = "started"
+    active_minutes: int = 30
+    completion_label: str = "Finish and return to the study platform"
 
     @property
     def catch_all(self) -> str:
@@ -236,6 +242,10 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
     assignment = study.get("assignment", "balanced")
     if assignment not in ASSIGNMENT_METHODS:
         raise check.fail(f"must be one of {', '.join(ASSIGNMENT_METHODS)}", "study", "assignment")
+    if study.get("fill", "started") not in FILL_RULES:
+        raise check.fail(f"must be one of {', '.join(FILL_RULES)}", "study", "fill")
+    if not 1 <= study.get("active_minutes", 30) <= 7 * 24 * 60:
+        raise check.fail("must be between 1 and 10080 minutes", "study", "active_minutes")
 
     factors_table = check.typed(data.get("factors", {}), dict, "factors")
     if not factors_table:
@@ -285,6 +295,9 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         survey_url=survey.get("url", ""),
         survey_label=survey.get("link_label", "Continue to the survey"),
         completion_url=survey.get("completion_url", ""),
+        completion_label=survey.get("completion_label", "Finish and return to the study platform"),
+        fill=study.get("fill", "started"),
+        active_minutes=study.get("active_minutes", 30),
         blocks=blocks,
         settings=settings,
         path=check.path,

@@ -1,0 +1,165 @@
+"""codebook.md: the data dictionary written with every export, describing every column and value."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Mapping
+
+from combot import store
+from combot.study import Study
+
+if TYPE_CHECKING:
+    from combot.export import Layout
+
+# The original study's problem types; a study with other labels gets a generic description.
+PROBLEM_MEANINGS = {
+    "A": "defective or poor-quality product",
+    "B": "delivery problem (late, lost, damaged in transit)",
+    "C": "mistreatment by an employee (rude, dismissive)",
+    "Other": "anything else",
+}
+KIND_MEANINGS = {
+    ("bot", "greeting"): "the bot's first message",
+    ("bot", "question"): "a scripted follow-up question from the bank for the problem type",
+    ("bot", "paraphrase"): "a paraphrase of the participant's message asking them to say more",
+    ("bot", "empathy"): "the understanding/empathy statement (cells whose empathy text is not empty)",
+    ("bot", "closing"): "the closing message asking for an e-mail address",
+    ("bot", "email_retry"): "the request to type the e-mail address again (the last one was not one)",
+    ("bot", "thanks"): "the final thank-you (with the survey link on the page)",
+    ("participant", "message"): "a chat message typed by the participant",
+    ("participant", "email"): "the participant's answer to the e-mail question; the text is replaced by"
+                              " \"[e-mail address]\", the address itself is only in personal.csv",
+}
+PRODUCED_BY_MEANINGS = {
+    "participant": "typed by the participant",
+    "script": "a fixed text from the study file",
+    "template": "the offline paraphraser filling a template from the study file",
+    "llm": "a language model (see the model column)",
+}
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    lines = ["| column | type | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{name}` | {kind} | {meaning} |" for name, kind, meaning in rows]
+    return "\n".join(lines) + "\n"
+
+
+def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, anonymise: bool,
+             counts: Mapping[str, int]) -> str:
+    ext = fmt
+    missing = "an empty cell" if fmt == "csv" else "null"
+    labels = ", ".join(f"`{p}`" for p in study.problem_types)
+    out = [f"# Codebook: {study.title}\n",
+           f"Exported {store.now()} (UTC) by Combot. Rows: " + ", ".join(f"{n} in {k}.{ext}" for k, n in counts.items())
+           + (". personal data left out (--anonymise)." if anonymise else ".") + "\n",
+           "Timestamps are UTC in ISO 8601 with milliseconds (`2024-05-01T09:30:00.123Z`). "
+           f"A missing value is {missing}.\n"]
+
+    participants = [
+        ("participant_id", "text", "Combot's random id for the participant. The survey link carries it as"
+                                   " `{participant_id}`: join the survey data on it."),
+        ("cell", "text", "the participant's cell: the factor levels joined by `-` (see Cells below); empty for a"
+                         " decline"),
+        ("cell_number", "integer", f"1 to {len(study.cells())}, the cell's number (see Cells); the survey link's"
+                                   " `{cell}`"),
+    ]
+    for name, column in layout.factors.items():
+        levels = ", ".join(f"`{level}`" for level in study.factors[name])
+        participants.append((column, "text", f"level of the factor {name}: {levels}"))
+    participants.append(("problem_type", "text", f"the problem type the classifier gave the first message: one of"
+                                                 f" {labels}; empty before the first message"))
+    for label, column in layout.scores.items():
+        participants.append((column, "number 0-1", f"the classifier's score for `{label}` (a participant's scores"
+                                                   " sum to 1)"))
+    participants += [
+        ("status", "text", "`started`: has a cell but did not finish (still chatting, or left; see"
+                           " `last_active_at`); `finished`: gave an e-mail address and reached the end;"
+                           " `declined`: declined on the consent page (no cell, counts towards none)"),
+        ("consent", "text", "`agreed` on the consent page, `declined`, or `not asked` (no consent page then)"),
+        ("started_at", "timestamp", "when the session was created (after agreeing, when consent was asked)"),
+        ("finished_at", "timestamp", "when the e-mail address was accepted; empty when not finished"),
+        ("last_active_at", "timestamp", "the participant's last stored message (or `started_at`)"),
+        ("seconds_spent", "number", "`finished_at` (or `last_active_at` when not finished) minus `started_at`"),
+        ("turns", "integer", "participant messages stored, the e-mail answer and any rejected e-mail attempt"
+                             " included"),
+        ("assignment", "text", "how the cell was chosen: `balanced` (the least-filled cell, ties at random) or"
+                               " `random` (a plain draw); `(seed N)` when a seed makes the sequence reproducible."
+                               f" Filled counted as: `{study.fill}`"
+                               + (f" (finished, or active in the last {study.active_minutes} minutes)"
+                                  if study.fill == "finished_or_active" else " (everyone given the cell)")),
+    ]
+    out += [f"## participants.{ext}\n", "One row per participant, declines included.\n", _table(participants)]
+
+    cell_lines = ["| cell_number | cell | " + " | ".join(study.factors) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in study.factors) + " |"]
+    for cell in study.cells():
+        cell_lines.append(f"| {study.cell_number(cell)} | `{study.cell_label(cell)}` | "
+                          + " | ".join(cell[name] for name in study.factors) + " |")
+    out += ["### Cells\n", "\n".join(cell_lines) + "\n"]
+    problem_lines = [f"- `{p}`: {PROBLEM_MEANINGS.get(p, 'as labelled in the study file')}"
+                     + (" (the catch-all)" if p == study.catch_all else "") for p in study.problem_types]
+    out += ["### Problem types\n", "\n".join(problem_lines) + "\n"]
+
+    kinds = [(row[0], row[1]) for row in conn.execute("SELECT DISTINCT sender, kind FROM messages ORDER BY 1, 2")]
+    known = list(KIND_MEANINGS)
+    kind_lines = [f"- `{kind}` ({sender}): {KIND_MEANINGS.get((sender, kind), 'not described')}"
+                  for sender, kind in known + [k for k in kinds if k not in known]]
+    produced = [row[0] for row in conn.execute("SELECT DISTINCT produced_by FROM messages WHERE produced_by IS NOT"
+                                               " NULL ORDER BY 1")]
+    produced_lines = [f"- `{name}`: {PRODUCED_BY_MEANINGS.get(name, 'not described')}"
+                      for name in list(PRODUCED_BY_MEANINGS) + [p for p in produced if p not in PRODUCED_BY_MEANINGS]]
+    messages = [
+        ("participant_id", "text", "the participant (see participants)"),
+        ("message_id", "integer", "increases in the order messages were stored"),
+        ("turn", "integer", "0: the greeting; k: the participant's k-th message and the bot's replies to it"),
+        ("sender", "text", "`bot` or `participant`"),
+        ("kind", "text", "what the message is; see Kinds below"),
+        ("text", "text", "exactly what was shown or sent (newlines kept; see Spreadsheets below)"),
+        ("produced_by", "text", "how the text was made; see below"),
+        ("model", "text", "the language model's name when `produced_by` is `llm`"),
+        ("latency_ms", "integer", "milliseconds from receiving the participant's message to the reply being ready"
+                                  " (the same for every bot message of one turn); empty for the greeting and for"
+                                  " participant messages"),
+        ("fallback_reason", "text", "why a scripted or template text stood in for a language model (e.g. a"
+                                    " timeout); empty otherwise"),
+        ("timestamp", "timestamp", "when the message was stored"),
+    ]
+    out += [f"## messages.{ext}\n", "One row per message, ordered by participant and then as stored.\n",
+            _table(messages), "### Kinds\n", "\n".join(kind_lines) + "\n", "### produced_by\n",
+            "\n".join(produced_lines) + "\n"]
+
+    if anonymise:
+        out += ["## personal data\n", "Left out of this export (--anonymise): no e-mail addresses, platform ids, URL"
+                " parameters or browser strings. Message texts are as participants typed them and may still hold"
+                " what they chose to write about themselves.\n"]
+    else:
+        personal = [
+            ("participant_id", "text", "the participant (see participants)"),
+            ("email", "text", "the e-mail address given at the end; empty when none"),
+            ("platform_id", "text", "the value of the URL parameter `" + study.settings["recruitment.platform_id"]
+             + "` (a returning id resumed its session)"),
+        ]
+        for name, column in layout.params.items():
+            personal.append((column, "text", f"the URL parameter `{name}` the study link was opened with"))
+        personal.append(("user_agent", "text", "the browser's User-Agent string (can help identify a person)"))
+        out += [f"## {'personal'}.{ext}\n", "Personal data (ethics boards treat e-mail addresses and platform ids"
+                " so): keep apart from the research data; `--anonymise` leaves this file out.\n", _table(personal)]
+
+    notes = ["## Reading the files\n"]
+    if fmt == "csv":
+        notes.append(
+            "- UTF-8 without a byte-order mark, comma-separated, fields quoted when needed (RFC 4180); a message"
+            " text may span lines inside its quotes.\n"
+            "- R: `read.csv(\"messages.csv\", encoding = \"UTF-8\")` or `readr::read_csv()`; pandas:"
+            " `pd.read_csv(\"messages.csv\")`; Stata: `import delimited using messages.csv, encoding(utf-8)"
+            " bindquote(strict)`; Excel: Data > From Text/CSV, File origin UTF-8.\n"
+            "- Spreadsheets: a text cell that begins with `=`, `+`, `-`, `@`, a tab or a carriage return has a"
+            " `'` put in front, so that no spreadsheet runs it as a formula. To undo it in R:"
+            " `sub(\"^'(?=[-=+@\\t\\r])\", \"\", x, perl = TRUE)`; in pandas:"
+            " `s.str.replace(r\"^'(?=[-=+@\\t\\r])\", \"\", regex=True)`.\n")
+    else:
+        notes.append("- JSON Lines: one JSON object per line, UTF-8, values as stored (no spreadsheet"
+                     " neutralisation). R: `jsonlite::stream_in(file(\"messages.jsonl\"))`; pandas:"
+                     " `pd.read_json(\"messages.jsonl\", lines=True)`.\n")
+    out += notes
+    return "\n".join(out)

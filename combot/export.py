@@ -1,0 +1,255 @@
+"""Export for analysis: tidy files for R, Stata, SPSS or pandas, and a codebook that explains them.
+
+- participants.csv: one row per participant (declines included), factors and scores as columns.
+- messages.csv: one row per stored message.
+- personal.csv: e-mail addresses, platform ids and URL parameters; left out with `anonymise`.
+- codebook.md: every column and every value.
+
+Rows are streamed from SQLite cursors straight into the files, so memory stays flat however many
+messages there are; the whole export reads one snapshot (one read transaction), so the files agree
+with each other even while participants keep chatting.
+
+CSV choices: UTF-8 *without* a byte-order mark (R's read.csv, Stata and Python's csv module would
+otherwise glue it to the first column name; Excel users open the file with Data > From Text/CSV),
+RFC 4180 quoting, CRLF row ends, empty cell for a missing value, and a leading `'` in front of
+any text cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return so that no
+spreadsheet runs participant text as a formula. JSON Lines are written as stored, unneutralised.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sqlite3
+import zipfile
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from combot import store
+from combot.codebook import codebook
+from combot.errors import CombotError
+from combot.settings import Settings
+from combot.study import Study
+
+FORMATS = ("csv", "jsonl")
+PERSONAL = "personal"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class ExportError(CombotError):
+    """The export cannot be written (no database, or a folder that already holds personal data)."""
+
+    status_code = 400
+
+
+def neutralise(value: Any) -> Any:
+    """Make a text cell inert in spreadsheets: `=SUM(A1)` becomes `'=SUM(A1)`."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+# --- columns --------------------------------------------------------------------------------------
+
+def _column_name(raw: str, taken: set[str], prefix: str) -> str:
+    """A name R and Stata accept as it is; prefixed when it would clash with a fixed column."""
+    name = re.sub(r"\W", "_", raw, flags=re.ASCII) or prefix.rstrip("_")
+    if name[0].isdigit() or name in taken:
+        name = prefix + name
+    taken.add(name)
+    return name
+
+
+PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "status", "consent", "started_at",
+                     "finished_at", "last_active_at", "seconds_spent", "turns", "assignment")
+MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
+                   "latency_ms", "fallback_reason", "timestamp")
+PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
+
+
+class Layout:
+    """The columns of each file for this study: fixed ones plus one per factor, score and URL parameter."""
+
+    def __init__(self, study: Study, extra_params: Iterable[str] = ()):
+        taken = set(PARTICIPANT_FIXED)
+        self.factors = {name: _column_name(name, taken, "factor_") for name in study.factors}
+        self.scores = {label: _column_name("score_" + label, taken, "x_") for label in study.problem_types}
+        self.participants = (PARTICIPANT_FIXED[:3] + tuple(self.factors.values()) + PARTICIPANT_FIXED[3:4]
+                             + tuple(self.scores.values()) + PARTICIPANT_FIXED[4:])
+        taken = set(PERSONAL_FIXED)
+        names = list(dict.fromkeys([*_configured_params(study.settings), *extra_params]))
+        self.params = {name: _column_name(name, taken, "param_") for name in names}
+        self.personal = PERSONAL_FIXED[:3] + tuple(self.params.values()) + PERSONAL_FIXED[3:]
+
+
+def _configured_params(settings: Settings) -> list[str]:
+    names = list(settings["recruitment.params"])
+    if settings["recruitment.platform_id"] and settings["recruitment.platform_id"] not in names:
+        names.append(settings["recruitment.platform_id"])
+    return names
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    delta = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return round(delta.total_seconds(), 3)
+
+
+def participant_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
+    for row in conn.execute("SELECT * FROM participants ORDER BY created_at, id"):
+        factors = json.loads(row["factors"] or "{}")
+        scores = json.loads(row["scores"] or "{}")
+        declined = row["status"] == "declined"
+        out: dict[str, Any] = {
+            "participant_id": row["id"], "cell": row["cell"] or None, "cell_number": row["cell_number"],
+            "problem_type": row["problem_type"], "status": row["status"],
+            "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked",
+            "started_at": row["created_at"], "finished_at": row["finished_at"], "last_active_at": row["updated_at"],
+            "seconds_spent": None if declined else _seconds(row["created_at"], row["finished_at"] or row["updated_at"]),
+            "turns": row["turns"], "assignment": row["assignment"],
+        }
+        for name, column in layout.factors.items():
+            out[column] = factors.get(name)
+        for label, column in layout.scores.items():
+            out[column] = scores.get(label)
+        yield out
+
+
+def message_rows(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+    # (participant_id, id) is indexed, so this streams in order without a sort.
+    for row in conn.execute(
+            "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, fallback_reason,"
+            " created_at FROM messages ORDER BY participant_id, id"):
+        yield {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
+               "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
+               "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
+               "timestamp": row["created_at"]}
+
+
+def personal_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
+    for row in conn.execute(
+            "SELECT p.id, e.email, p.platform_id, p.url_params, p.user_agent FROM participants p"
+            " LEFT JOIN emails e ON e.participant_id = p.id ORDER BY p.created_at, p.id"):
+        params = json.loads(row["url_params"] or "{}")
+        out: dict[str, Any] = {"participant_id": row["id"], "email": row["email"], "platform_id": row["platform_id"],
+                               "user_agent": row["user_agent"] or None}
+        for name, column in layout.params.items():
+            out[column] = params.get(name)
+        yield out
+
+
+def _stored_param_names(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(
+        "SELECT DISTINCT j.key FROM participants p, json_each(CASE WHEN json_valid(p.url_params)"
+        " THEN p.url_params ELSE '{}' END) AS j ORDER BY j.key")]
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def write_rows(stream: IO[str], fmt: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write rows to a text stream opened with newline=''; returns how many."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(stream, lineterminator="\r\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else neutralise(row.get(c)) for c in columns])
+            count += 1
+    else:
+        for row in rows:
+            stream.write(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read transaction: every file sees the same moment of the study (WAL lets writers go on)."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+def _tables(conn: sqlite3.Connection, layout: Layout, anonymise: bool
+            ) -> list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]]:
+    tables: list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]] = [
+        ("participants", layout.participants, lambda: participant_rows(conn, layout)),
+        ("messages", MESSAGE_COLUMNS, lambda: message_rows(conn)),
+    ]
+    if not anonymise:
+        tables.append((PERSONAL, layout.personal, lambda: personal_rows(conn, layout)))
+    return tables
+
+
+def _write_all(conn: sqlite3.Connection, study: Study, anonymise: bool, fmt: str,
+               open_text: Callable[[str], Any]) -> dict[str, int]:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format '{fmt}' (expected one of: {', '.join(FORMATS)})")
+    counts: dict[str, int] = {}
+    with snapshot(conn):
+        layout = Layout(study, _stored_param_names(conn))
+        for name, columns, rows in _tables(conn, layout, anonymise):
+            with open_text(f"{name}.{fmt}") as stream:
+                counts[name] = write_rows(stream, fmt, columns, rows())
+        with open_text("codebook.md") as stream:
+            stream.write(codebook(conn, study, layout, fmt, anonymise, counts))
+    return counts
+
+
+def export_to_dir(conn: sqlite3.Connection, study: Study, out: str | Path, *, anonymise: bool = False,
+                  fmt: str = "csv") -> dict[str, int]:
+    """Write the export into folder `out` (created if needed); returns rows written per file.
+
+    Each file is written under a temporary name and renamed when complete. With `anonymise`, a
+    folder that still holds personal data from an earlier export is refused rather than left
+    looking anonymous.
+    """
+    folder = Path(out)
+    if anonymise:
+        leftovers = [f"{PERSONAL}.{ext}" for ext in FORMATS if (folder / f"{PERSONAL}.{ext}").exists()]
+        if leftovers:
+            raise ExportError(f"{folder} already holds {', '.join(leftovers)} from an earlier export;"
+                              " choose an empty folder for an anonymised export")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def open_text(name: str) -> Iterator[IO[str]]:
+        temporary = folder / f".{name}.partial"
+        with open(temporary, "w", encoding="utf-8", newline="") as stream:
+            yield stream
+        os.replace(temporary, folder / name)
+
+    return _write_all(conn, study, anonymise, fmt, open_text)
+
+
+def export_to_zip(conn: sqlite3.Connection, study: Study, target: IO[bytes], *, anonymise: bool = False,
+                  fmt: str = "csv") -> dict[str, int]:
+    """The same files in a zip archive written to `target` (a file, so nothing is held in memory)."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+
+        @contextmanager
+        def open_text(name: str) -> Iterator[IO[str]]:
+            with archive.open(name, "w", force_zip64=True) as raw:
+                stream = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+                yield stream
+                stream.flush()
+                stream.detach()
+
+        return _write_all(conn, study, anonymise, fmt, open_text)
+
+
+def open_database(path: str | Path) -> sqlite3.Connection:
+    """The study database for exporting; an error (not a new empty file) when it does not exist."""
+    if not Path(path).is_file():
+        raise ExportError(f"no database at {path}")
+    return store.connect(path)
