@@ -245,23 +245,6 @@ def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id:
     return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (sent["id"],)).fetchall()
 
 
-def participant_by_token(conn: sqlite3.Connection, token: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM participants WHERE token = ?", (token,)).fetchone()
-
-
-def transcript(conn: sqlite3.Connection, participant_id: str) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY id", (participant_id,)).fetchall()
-
-
-def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id: str) -> list[sqlite3.Row] | None:
-    """The bot's replies to an earlier message with this client id, or None if it never arrived."""
-    sent = conn.execute("SELECT id FROM messages WHERE participant_id = ? AND client_message_id = ?",
-                        (participant_id, client_message_id)).fetchone()
-    if sent is None:
-        return None
-    return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (sent["id"],)).fetchall()
-
-
 @dataclass(frozen=True)
 class Turn:
     participant_id: str
