@@ -1,0 +1,271 @@
+"""The LLM adapter: an OpenAI-compatible chat-completions call that never stalls a participant.
+
+One `LLM` per worker process, made in the app's lifespan: a shared `httpx.AsyncClient` and a cap
+on calls in flight. `complete` returns either an `LLMReply` or a `Fallback` naming why the offline
+text should be used instead; it never raises for anything the service does, and it never takes
+longer than the configured timeout, waiting for a free slot included.
+
+The API key lives only in the client's Authorization header: it is never a setting, never logged,
+and never part of a fallback reason (which is stored with the message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Protocol
+
+import httpx
+
+from combot import __version__
+from combot.settings import Settings
+
+log = logging.getLogger("combot.llm")
+
+# A paraphrase is one or two sentences; anything much longer is not what was asked for.
+MAX_REPLY_CHARS = 600
+# A chat-completions answer of this size is already wrong; stop reading there.
+MAX_BODY_BYTES = 256 * 1024
+
+_URL = re.compile(r"(?i)\b(?:https?|ftp|mailto):|\bwww\.|\]\(")
+_MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>|```|\*\*|__|^\s*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s)", re.MULTILINE)
+_AI_TALK = re.compile(r"(?i)\b(?:as an ai|an ai (?:assistant|model|language)|language model|chatgpt|openai)\b")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The `[llm]` settings; `from_settings` gives None when no base URL is set (no LLM)."""
+
+    base_url: str
+    model: str = "gpt-4o-mini"
+    temperature: float = 0.7
+    max_tokens: int = 150
+    timeout: float = 4.0
+    max_in_flight: int = 100
+    max_calls_per_participant: int = 10
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ValueError("llm timeout must be more than 0 seconds")
+        if self.max_in_flight < 1:
+            raise ValueError("llm max_in_flight must be at least 1")
+        if self.max_tokens < 1:
+            raise ValueError("llm max_tokens must be at least 1")
+        if self.max_calls_per_participant < 0:
+            raise ValueError("llm max_calls_per_participant must be 0 (no limit) or more")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LLMConfig | None:
+        section = settings.section("llm")
+        if not str(section["base_url"]).strip():
+            return None
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url.strip().rstrip("/") + "/chat/completions"
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        environ = os.environ if environ is None else environ
+        return (environ.get(self.api_key_env) or None) if self.api_key_env else None
+
+    def calls_allowed(self, used: int) -> int | None:
+        """How many more LLM replies a participant who has had `used` may get (None: no limit)."""
+        if self.max_calls_per_participant == 0:
+            return None
+        return max(0, self.max_calls_per_participant - used)
+
+
+@dataclass(frozen=True)
+class LLMReply:
+    """Text from the model, checked and tidied, with the model's name and the call's latency."""
+
+    text: str
+    model: str
+    latency_ms: int
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Why the offline text is used: timeout, busy, http <status>, connection, bad response: <why>."""
+
+    reason: str
+    latency_ms: int
+
+
+class BadResponse(Exception):
+    """The service answered, but not with a usable chat completion."""
+
+
+class ChatModel(Protocol):
+    """What the web layer needs from an LLM (tests may pass their own)."""
+
+    config: LLMConfig
+
+    async def complete(self, system: str, text: str) -> LLMReply | Fallback: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LLM:
+    """One per worker process: a shared HTTP client and a semaphore capping calls in flight."""
+
+    def __init__(self, config: LLMConfig, *, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        headers = {"User-Agent": f"combot/{__version__}", "Accept": "application/json"}
+        if api_key:
+            # httpx masks Authorization in its reprs; it is kept nowhere else.
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout),
+            limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
+            transport=transport,
+        )
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+
+    async def __aenter__(self) -> LLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def complete(self, system: str, text: str) -> LLMReply | Fallback:
+        """Ask for a reply to `text` (sent as the user's message, never spliced into `system`)."""
+        started = time.perf_counter()
+        acquired = False
+        try:
+            # One deadline for waiting for a slot and for the call: a full worker falls back in
+            # time instead of queueing participants behind it.
+            async with asyncio.timeout(self.config.timeout):
+                await self._slots.acquire()
+                acquired = True
+                text_out, model = await self._call(system, text)
+            return LLMReply(text_out, model, _ms(started))
+        except TimeoutError:
+            reason = "timeout" if acquired else "busy"
+        except httpx.TimeoutException:
+            reason = "timeout"
+        except _HTTPStatus as error:
+            reason = f"http {error.status}"
+        except BadResponse as error:
+            reason = f"bad response: {error}"
+        except httpx.TransportError:
+            reason = "connection"
+        except Exception as error:  # noqa: BLE001 - whatever happens, the participant gets the offline text
+            log.exception("unexpected error calling the LLM")
+            reason = f"error: {type(error).__name__}"
+        finally:
+            if acquired:
+                self._slots.release()
+        log.info("LLM fallback (%s) after %d ms", reason, _ms(started))
+        return Fallback(reason, _ms(started))
+
+    async def _call(self, system: str, text: str) -> tuple[str, str]:
+        payload = {
+            "model": self.config.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}],
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
+        }
+        async with self._client.stream("POST", self.config.endpoint, json=payload) as response:
+            if not 200 <= response.status_code < 300:
+                raise _HTTPStatus(response.status_code)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body.extend(chunk)
+                if len(body) > MAX_BODY_BYTES:
+                    raise BadResponse(f"body over {MAX_BODY_BYTES // 1024} KiB")
+        return parse_completion(bytes(body), self.config.model)
+
+
+class _HTTPStatus(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def _ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def create_llm(settings: Settings, environ: Mapping[str, str] | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> LLM | None:
+    """The worker's LLM, or None when none is configured (the offline paraphraser answers)."""
+    config = LLMConfig.from_settings(settings)
+    if config is None:
+        return None
+    return LLM(config, api_key=config.api_key(environ), transport=transport)
+
+
+def parse_completion(body: bytes, default_model: str) -> tuple[str, str]:
+    """The checked reply text and the model's name from a chat-completions response body."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadResponse("not JSON") from None
+    if not isinstance(data, dict):
+        raise BadResponse("not a JSON object")
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        raise BadResponse("no 'choices' list")
+    if not choices:
+        raise BadResponse("no choices")
+    first = choices[0]
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise BadResponse("no choices[0].message.content string")
+    if first.get("finish_reason") == "length":
+        raise BadResponse("cut off at max_tokens")
+    model = data.get("model")
+    if not isinstance(model, str) or not 0 < len(model) <= 200:
+        model = default_model
+    return check_reply(content), model
+
+
+def check_reply(content: str) -> str:
+    """Tidy a model's reply for the chat page, or raise BadResponse when it is not fit to show."""
+    text = _CONTROL.sub("", content).strip()
+    if _MARKUP.search(text):
+        raise BadResponse("contains markup")
+    text = " ".join(text.split())
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    if not text:
+        raise BadResponse("empty")
+    if len(text) > MAX_REPLY_CHARS:
+        raise BadResponse(f"too long ({len(text)} characters)")
+    if _URL.search(text):
+        raise BadResponse("contains a link")
+    if _AI_TALK.search(text):
+        raise BadResponse("talks about being an AI")
+    return text
+
+
+async def check(settings: Settings, system: str, text: str, environ: Mapping[str, str] | None = None) -> LLMReply | Fallback:
+    """One call with the configured settings, for `combot llm-check` (raises LookupError with no LLM)."""
+    llm = create_llm(settings, environ)
+    if llm is None:
+        raise LookupError("no LLM is configured")
+    async with llm:
+        return await llm.complete(system, text)
+
+
+def describe(config: LLMConfig) -> dict[str, Any]:
+    """The settings in force, safe to print: the key is shown only as set or not set."""
+    shown: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)}
+    shown["api_key"] = "set" if config.api_key() else "not set"
+    return shown
