@@ -110,6 +110,48 @@ def check(config_path: str | None) -> None:
         click.echo(f"  {study.cell_number(cell)}. {study.cell_label(cell)}  follow-ups: {study.followup_mode(cell)}")
 
 
+LLM_CHECK_TEXT = "I ordered a lamp three weeks ago and when it finally came the box was crushed and the shade was broken."
+LLM_HINTS = {
+    "http 401": "the service refused the API key: check the variable named by [llm] api_key_env",
+    "http 403": "the service refused the API key: check the variable named by [llm] api_key_env",
+    "http 404": "check base_url (OpenAI's ends in /v1) and the model name",
+    "http 429": "the service is rate-limiting this key; participants would get the offline paraphrase meanwhile",
+    "connection": "nothing answered at base_url: check the address, the network and any proxy",
+    "timeout": "no answer within [llm] timeout; raise it, or expect the offline paraphrase on slow turns",
+}
+
+
+@cli.command("llm-check")
+@_config_option
+@_setting_options("llm", ("base_url", "model", "temperature", "max_tokens", "timeout", "api_key_env"))
+@click.option("--text", default=LLM_CHECK_TEXT, show_default=False, help="The participant message to paraphrase.")
+def llm_check(config_path: str | None, text: str, **flags: Any) -> None:
+    """Send one test paraphrase to the configured LLM and print the reply and its latency."""
+    import asyncio
+
+    from combot import llm
+
+    study = _load(config_path, "llm", flags)
+    config = llm.LLMConfig.from_settings(study.settings)
+    if config is None:
+        click.echo("No LLM is configured ([llm] base_url is empty and COMBOT_LLM_URL is not set):"
+                   " participants get the offline paraphraser.")
+        return
+    for name, value in llm.describe(config).items():
+        click.echo(f"  {name}: {value}")
+    cell, problem = study.cells()[0], study.problem_types[0]
+    system = study.llm_prompt("paraphrase", cell, problem) or ""
+    click.echo(f"Asking for a paraphrase with the prompt for cell {study.cell_label(cell)}, problem {problem} ...")
+    outcome = asyncio.run(llm.check(study.settings, system, text))
+    if isinstance(outcome, llm.LLMReply):
+        click.echo(f"OK in {outcome.latency_ms} ms from {outcome.model}:\n  {outcome.text}")
+        return
+    hint = LLM_HINTS.get(outcome.reason) or ("the answer cannot be shown to a participant"
+                                             if outcome.reason.startswith("bad response") else "")
+    raise click.ClickException(f"the LLM call failed after {outcome.latency_ms} ms: {outcome.reason}"
+                               + (f" ({hint})" if hint else "") + ". Participants would get the offline paraphrase.")
+
+
 @cli.command()
 @click.option("--users", default="30", show_default=True,
               help="Simulated participants at once; a list such as 1,5,10,30,100 runs each level in turn.")

@@ -245,6 +245,12 @@ def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id:
     return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (sent["id"],)).fetchall()
 
 
+def llm_reply_count(conn: sqlite3.Connection, participant_id: str) -> int:
+    """How many of the bot's replies to this participant an LLM wrote (for the per-participant cap)."""
+    return int(conn.execute("SELECT count(*) FROM messages WHERE participant_id = ? AND produced_by = 'llm'",
+                            (participant_id,)).fetchone()[0])
+
+
 @dataclass(frozen=True)
 class Turn:
     participant_id: str

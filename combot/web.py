@@ -32,6 +32,7 @@ from combot import engine, store
 from combot.assignment import choose_cell
 from combot.classifier import Classifier, classify_async, default_model_dir, get_classifier
 from combot.errors import BadRequest, CombotError, Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unprocessable
+from combot.llm import ChatModel, LLMReply, create_llm
 from combot.ratelimit import RateLimiter
 from combot.resources import static_dir
 from combot.study import Study, load_study
@@ -53,6 +54,7 @@ class Resources:
     classifier: Classifier
     inference: ThreadPoolExecutor
     limiter: RateLimiter
+    llm: ChatModel | None = None  # None: no LLM configured, the offline paraphraser answers
 
 
 def _resources(request: Request) -> Resources:
@@ -236,8 +238,7 @@ async def post_message(request: Request) -> Response:
         problem, scores = verdict.label, verdict.scores
     seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
     step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
-    latency = int((time.perf_counter() - started) * 1000)
-    replies = [store.NewMessage("bot", r.kind, r.text, r.produced_by, latency_ms=latency) for r in step.replies]
+    replies = await _bot_messages(res, participant["id"], factors, step, started)
     incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message",
                                 "[e-mail address]" if step.email else text, client_message_id=client_id)
     stored = await res.store.run(store.record_turn, store.Turn(
@@ -247,6 +248,39 @@ async def post_message(request: Request) -> Response:
         status="finished" if step.state.stage == "done" else "started",
         problem_type=problem, scores=scores, email=step.email))
     return _turn_response(study, participant, stored, values, expects=step.expects)
+
+
+async def _bot_messages(res: Resources, participant_id: str, factors: Mapping[str, str], step: engine.Step,
+                        started: float) -> list[store.NewMessage]:
+    """The replies to store: the engine's, with the ones an LLM may write asked of it concurrently.
+
+    Any LLM failure keeps the engine's offline text (produced_by 'template') and records why; the
+    adapter gives up within its timeout, so a participant never waits longer or sees an error.
+    """
+    def offline(reply: engine.Reply, reason: str | None = None) -> store.NewMessage:
+        return store.NewMessage("bot", reply.kind, reply.text, reply.produced_by,
+                                latency_ms=int((time.perf_counter() - started) * 1000), fallback_reason=reason)
+
+    llm = res.llm
+    wanted = [r for r in step.replies if r.llm_task]
+    if llm is None or not wanted:
+        return [offline(r) for r in step.replies]
+    allowed = llm.config.calls_allowed(await res.store.run(store.llm_reply_count, participant_id))
+
+    async def written(reply: engine.Reply, position: int) -> store.NewMessage:
+        if allowed is not None and position >= allowed:
+            return offline(reply, "participant limit")
+        system = res.study.llm_prompt(reply.llm_task or "", factors, step.state.problem)
+        if system is None:
+            return offline(reply, "no prompt")
+        outcome = await llm.complete(system, reply.source_text or reply.text)
+        if isinstance(outcome, LLMReply):
+            return store.NewMessage("bot", reply.kind, outcome.text, "llm", model=outcome.model,
+                                    latency_ms=outcome.latency_ms)
+        return offline(reply, outcome.reason)
+
+    made = iter(await asyncio.gather(*(written(r, i) for i, r in enumerate(wanted))))
+    return [next(made) if r.llm_task else offline(r) for r in step.replies]
 
 
 def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapping[str, str],
@@ -332,10 +366,13 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-classify")
         classifier = await loop.run_in_executor(inference, load_classifier, study)
         app.state.resources = Resources(study, handle, classifier, inference,
-                                        RateLimiter(study.settings["server.rate_limit"], 60.0))
+                                        RateLimiter(study.settings["server.rate_limit"], 60.0),
+                                        llm=create_llm(study.settings))
         try:
             yield
         finally:
+            if app.state.resources.llm is not None:
+                await app.state.resources.llm.aclose()
             await handle.close()
             inference.shutdown(wait=False)
 
