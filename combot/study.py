@@ -8,6 +8,7 @@ the key and the line at fault, before the server binds a port.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from combot.errors import ConfigError
-from combot.settings import OPTIONS, SECTIONS, Settings, resolve
+from combot.settings import OPTIONS, SECTIONS, Settings, option, resolve
 
 Cell = Mapping[str, str]
 
@@ -274,6 +275,7 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         settings = resolve(file_settings, environ, overrides)
     except ValueError as error:
         raise check.fail(str(error), *_first_key(str(error), file_settings)) from None
+    _check_llm_settings(settings, check, os.environ if environ is None else environ, overrides or {})
 
     blocks: dict[str, tuple[Block, ...]] = {}
     for kind, spec in BLOCK_KINDS.items():
@@ -304,6 +306,24 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
     )
     _check_coverage(result, check)
     return result
+
+
+# The smallest sensible value of each numeric [llm] setting: caught here, before the server binds,
+# rather than in every worker's start-up.
+_LLM_MINIMUMS = {"timeout": 0.1, "max_in_flight": 1, "max_tokens": 1, "max_calls_per_participant": 0,
+                 "temperature": 0.0}
+
+
+def _check_llm_settings(settings: Settings, check: _Checker, environ: Mapping[str, str],
+                        overrides: Mapping[str, Any]) -> None:
+    for name, minimum in _LLM_MINIMUMS.items():
+        if settings[f"llm.{name}"] < minimum:
+            opt = option("llm", name)
+            if overrides.get(f"llm.{name}") is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}")
+            if opt.env_name in environ:
+                raise ConfigError(f"environment variable {opt.env_name} must be at least {minimum}")
+            raise check.fail(f"must be at least {minimum}", "llm", name)
 
 
 def _first_key(message: str, file_settings: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
