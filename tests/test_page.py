@@ -63,12 +63,12 @@ class Phone:
             self.outside.append(route.request.url)
             route.abort()
 
-    def open(self, path: str = "") -> Any:
+    def open(self, path: str = "", wait_for: str = ".msg--bot .bubble__text") -> Any:
         page = self.context.new_page()
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
         page.goto(self.base + path)
-        page.wait_for_selector(".msg--bot .bubble__text")
+        page.wait_for_selector(wait_for)
         return page
 
     def close(self) -> None:
@@ -114,6 +114,15 @@ def send(page: Any, text: str) -> list[str]:
         "n => document.querySelectorAll('.msg--bot').length > n && document.getElementById('typing').hidden",
         arg=before)
     return [text for sender, text in transcript(page) if sender == "bot"][before:]
+
+
+def walk_to_the_end(page: Any) -> None:
+    send(page, FIRST)
+    answers = iter(["It was last week.", "Nobody helped.", "No refund.", "I was angry.", "Never again."])
+    while expects(page) == "message":
+        send(page, next(answers))
+    send(page, EMAIL)
+    assert expects(page) == "done"
 
 
 def focused_id(page: Any) -> str:
@@ -258,6 +267,9 @@ def test_hostile_text_is_shown_as_text(live_server: Callable[..., Any], phone: C
     assert ("participant", HOSTILE) in transcript(page)
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.locator("#log img[src=x], #log script").count() == 0
+    # And a second line of defence: the page's policy allows only its own script files.
+    policy = page.locator('meta[http-equiv="Content-Security-Policy"]').get_attribute("content") or ""
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
 
     page.reload()  # the same text rendered again from the server's transcript
     page.wait_for_selector(".msg--participant")
@@ -322,7 +334,7 @@ def test_a_message_that_cannot_be_sent_is_marked_and_can_be_retried(live_server:
 
     page.unroute("**/api/sessions/*/messages")
     page.locator("#notice-action").click()
-    page.wait_for_function("document.querySelectorAll('.msg--bot').length > 1")
+    page.wait_for_function("() => document.querySelectorAll('.msg--bot').length > 1")
     assert page.locator(".msg--failed").count() == 0
     assert [m["client_message_id"] for m in read_db(server.database)["messages"] if m["sender"] == "participant"] == seen[:1]
 
@@ -371,3 +383,4 @@ def test_a_conversation_finished_elsewhere_reloads_on_conflict(live_server: Call
     stored = [(m["sender"], m["text"]) for m in read_db(server.database)["messages"]]
     assert transcript(page) == stored
     assert not browser.outside
+
