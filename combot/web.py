@@ -28,10 +28,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from combot import engine, store
+from combot import admin, consent, engine, monitor, recruitment, store
 from combot.assignment import choose_cell
 from combot.classifier import Classifier, classify_async, default_model_dir, get_classifier
-from combot.errors import BadRequest, CombotError, Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unprocessable
+from combot.errors import (BadRequest, CombotError, Conflict, ConsentRequired, NotFound, PayloadTooLarge,
+                           TooManyRequests, Unprocessable)
 from combot.llm import ChatModel, LLMReply, create_llm
 from combot.ratelimit import RateLimiter
 from combot.resources import static_dir
@@ -39,10 +40,6 @@ from combot.study import Study, load_study
 
 log = logging.getLogger("combot")
 
-# URL parameters kept with a participant (recruitment platforms and survey tools add these).
-CAPTURED_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "participant_label")
-PLATFORM_ID_PARAM = "PROLIFIC_PID"
-MAX_PARAM_LENGTH = 200
 
 
 @dataclass
@@ -116,11 +113,6 @@ def _client_message_id(data: Mapping[str, Any]) -> str | None:
     return value
 
 
-def _captured_params(request: Request) -> dict[str, str]:
-    return {name: request.query_params[name][:MAX_PARAM_LENGTH] for name in CAPTURED_PARAMS
-            if request.query_params.get(name)}
-
-
 # --- what the page sees ---------------------------------------------------------------------------
 
 def _reply_json(text: str, kind: str, link: engine.Link | None = None) -> dict[str, Any]:
@@ -137,9 +129,7 @@ def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dic
 
 
 def _link_values(participant: Any) -> dict[str, str]:
-    values = {"participant_id": participant["id"], "cell": str(participant["cell_number"])}
-    values.update(json.loads(participant["url_params"] or "{}"))
-    return values
+    return recruitment.link_values(participant)
 
 
 def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
@@ -154,9 +144,17 @@ def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
 
 async def create_session(request: Request) -> Response:
     res = _resources(request)
-    await _read_json(request, res.study.settings["server.max_body_bytes"])
-    params = _captured_params(request)
+    data = await _read_json(request, res.study.settings["server.max_body_bytes"])
     study = res.study
+    # Which URL parameters are kept, and which one identifies a returning person: [recruitment].
+    params = recruitment.captured_params(request.query_params, study.settings)
+    platform_id = recruitment.platform_id(params, study.settings)
+    consented = consent.given(data)
+    if study.settings["consent.enabled"] and not consented:
+        returning = await res.store.run(store.participant_by_platform_id, platform_id) if platform_id else None
+        if returning is None:
+            raise ConsentRequired("please read the study information and agree before the chat starts")
+        return await _session_response(res, returning)
     participant_id = "p" + secrets.token_hex(6)
     token = secrets.token_urlsafe(24)
     rng = random.SystemRandom()
@@ -169,7 +167,7 @@ async def create_session(request: Request) -> Response:
         store.create_participant, participant_id=participant_id, token=token,
         choose_cell=lambda counts: choose_cell(study, counts, rng),
         greet=greet, user_agent=request.headers.get("user-agent", ""), url_params=params,
-        platform_id=params.get(PLATFORM_ID_PARAM))
+        platform_id=platform_id, fill=study.fill, active_minutes=study.active_minutes, consented=consented)
     return await _session_response(res, row, status=201 if created else 200)
 
 
@@ -192,6 +190,9 @@ async def _session_response(res: Resources, participant: Any, status: int = 200)
         "bot": _presentation(study, factors),
         "max_message_chars": study.settings["server.max_message_chars"],
     }
+    redirect = recruitment.completion_redirect(study, values) if body["expects"] == "done" else None
+    if redirect is not None:
+        body["redirect"] = redirect
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
@@ -289,7 +290,10 @@ def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapp
         # A repeated request: what comes next follows from the last reply it got.
         kinds = [row["kind"] for row in rows]
         expects = "done" if "thanks" in kinds else "email" if ("closing" in kinds or "email_retry" in kinds) else "message"
-    body = {"replies": [_stored_reply(row, study, values) for row in rows], "expects": expects}
+    body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in rows], "expects": expects}
+    redirect = recruitment.completion_redirect(study, values) if expects == "done" else None
+    if redirect is not None:
+        body["redirect"] = redirect
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -368,9 +372,13 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         app.state.resources = Resources(study, handle, classifier, inference,
                                         RateLimiter(study.settings["server.rate_limit"], 60.0),
                                         llm=create_llm(study.settings))
+        app.state.admin_token = admin.ensure_token(study.settings, db_path)
+        heartbeat = monitor.Heartbeat(handle)
+        heartbeat.start()
         try:
             yield
         finally:
+            await heartbeat.stop()
             if app.state.resources.llm is not None:
                 await app.state.resources.llm.aclose()
             await handle.close()
@@ -382,10 +390,13 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         Route("/api/sessions", create_session, methods=["POST"]),
         Route("/api/sessions/{session_id}", get_session),
         Route("/api/sessions/{session_id}/messages", post_message, methods=["POST"]),
+        *consent.routes(),
+        *admin.routes(),
         Mount("/static", StaticFiles(directory=static_dir()), name="static"),
     ]
     middleware = [
         Middleware(TrustedHostMiddleware, allowed_hosts=study.settings["server.trusted_hosts"]),
+        Middleware(monitor.ErrorRecorder),  # outside RequestTimeout, so its 503s count as errors
         Middleware(RequestTimeout, seconds=study.settings["server.request_timeout"]),
     ]
     return Starlette(

@@ -1,0 +1,188 @@
+/* The researcher's dashboard: reads /admin/api/stats every few seconds and draws it.
+ * Everything from the server goes in with textContent or as SVG attributes, never as HTML.
+ */
+(function () {
+  "use strict";
+
+  var REFRESH_MS = 5000;
+  var SVG = "http://www.w3.org/2000/svg";
+
+  function $(id) { return document.getElementById(id); }
+
+  function make(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS(SVG, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, String(attrs[k])); });
+    return node;
+  }
+
+  function seconds(ms) {
+    if (ms === null || ms === undefined) return "–";
+    return ms < 1000 ? ms + " ms" : (ms / 1000).toFixed(1) + " s";
+  }
+
+  function megabytes(bytes) {
+    return bytes === null || bytes === undefined ? "–" : Math.round(bytes / 1048576) + " MB";
+  }
+
+  function setText(id, value) { $(id).textContent = value === null || value === undefined ? "–" : String(value); }
+
+  function bar(className, share, title) {
+    var part = make("span", "bar " + className);
+    part.style.width = Math.max(0, Math.min(100, share * 100)).toFixed(2) + "%";
+    if (title) part.title = title;
+    return part;
+  }
+
+  function hbars(container, items, labelKey) {
+    var max = items.reduce(function (m, it) { return Math.max(m, it.n); }, 0) || 1;
+    var rows = items.map(function (it) {
+      var row = make("div", "hbar");
+      row.appendChild(make("span", "hbar__label", it[labelKey]));
+      var track = make("span", "hbar__track");
+      track.appendChild(bar("bar--plain", it.n / max));
+      row.appendChild(track);
+      row.appendChild(make("span", "hbar__n", it.n));
+      return row;
+    });
+    container.replaceChildren.apply(container, rows);
+  }
+
+  function drawCells(cells) {
+    var max = cells.reduce(function (m, c) { return Math.max(m, c.started); }, 0) || 1;
+    var rows = cells.map(function (c) {
+      var tr = make("tr");
+      tr.appendChild(make("td", "num", c.number === null ? "" : c.number));
+      tr.appendChild(make("td", "cell", c.cell || "(none)"));
+      ["started", "finished", "active", "abandoned"].forEach(function (k) {
+        tr.appendChild(make("td", "num count-" + k, c[k]));
+      });
+      var td = make("td", "bars");
+      var track = make("span", "stack");
+      track.appendChild(bar("bar--finished", c.finished / max, c.finished + " finished"));
+      track.appendChild(bar("bar--active", c.active / max, c.active + " chatting"));
+      track.appendChild(bar("bar--abandoned", c.abandoned / max, c.abandoned + " abandoned"));
+      td.appendChild(track);
+      tr.appendChild(td);
+      return tr;
+    });
+    $("cells").replaceChildren.apply($("cells"), rows);
+  }
+
+  // One slot per minute of the window, the newest on the right, so gaps show as gaps.
+  function drawTimeline(points, windowMinutes, generatedAt) {
+    var box = $("timeline");
+    if (!points.length) {
+      box.replaceChildren(make("p", "note", "No replies in the last " + windowMinutes + " minutes."));
+      return;
+    }
+    var width = 720, height = 120, pad = 18;
+    var slots = Math.max(1, windowMinutes);
+    var nowMinute = Math.floor(Date.parse(generatedAt) / 60000);
+    var max = points.reduce(function (m, p) { return Math.max(m, p.replies + p.errors); }, 0) || 1;
+    var step = (width - 2 * pad) / slots;
+    var chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", class: "timeline__svg" });
+    chart.appendChild(svg("title", {})).textContent = "Replies (and errors, in red) per minute";
+    points.forEach(function (p) {
+      var ago = nowMinute - Math.floor(Date.parse(p.minute + ":00Z") / 60000);
+      var i = Math.min(slots - 1, Math.max(0, slots - 1 - ago));
+      var x = pad + i * step + 1, w = Math.max(1, step - 2);
+      var hOk = (height - 2 * pad) * p.replies / max, hErr = (height - 2 * pad) * p.errors / max;
+      var ok = svg("rect", { x: x, y: height - pad - hOk, width: w, height: hOk, class: "tl-ok" });
+      ok.appendChild(svg("title", {})).textContent = p.minute + "Z: " + p.replies + " replies, average " + seconds(p.mean_ms);
+      chart.appendChild(ok);
+      if (p.errors) {
+        var err = svg("rect", { x: x, y: height - pad - hOk - hErr, width: w, height: hErr, class: "tl-err" });
+        err.appendChild(svg("title", {})).textContent = p.minute + "Z: " + p.errors + " errors";
+        chart.appendChild(err);
+      }
+    });
+    var first = svg("text", { x: pad, y: height - 3, class: "tl-label" });
+    first.textContent = windowMinutes + " minutes ago";
+    var last = svg("text", { x: width - pad, y: height - 3, class: "tl-label", "text-anchor": "end" });
+    last.textContent = "now (" + generatedAt.slice(11, 16) + " UTC)";
+    var top = svg("text", { x: pad, y: pad - 5, class: "tl-label" });
+    top.textContent = max + " per minute";
+    chart.appendChild(first);
+    chart.appendChild(last);
+    chart.appendChild(top);
+    box.replaceChildren(chart);
+  }
+
+  function drawWorkers(workers, memory, threshold) {
+    var total = memory.total_bytes || 1;
+    var rows = workers.map(function (w) {
+      var tr = make("tr");
+      tr.appendChild(make("td", "", w.pid + (w.host ? " on " + w.host : "")));
+      tr.appendChild(make("td", "num", megabytes(w.rss_bytes)));
+      var td = make("td", "bars");
+      var track = make("span", "stack");
+      track.appendChild(bar("bar--plain", (w.rss_bytes || 0) / total, "share of the machine's memory"));
+      td.appendChild(track);
+      tr.appendChild(td);
+      tr.appendChild(make("td", "", (w.seen_at || "").slice(11, 19) + " UTC"));
+      return tr;
+    });
+    if (!rows.length) {
+      var tr = make("tr");
+      var td = make("td", "note", "No worker has reported in the last 30 seconds.");
+      td.colSpan = 4;
+      tr.appendChild(td);
+      rows.push(tr);
+    }
+    $("workers").replaceChildren.apply($("workers"), rows);
+    var note = "workers together " + megabytes(memory.workers_bytes) + " of " + megabytes(memory.total_bytes);
+    if (memory.used_percent !== null && memory.used_percent !== undefined) {
+      note += "; machine " + memory.used_percent + "% in use (warning above " + threshold + "%)";
+    }
+    $("memory-note").textContent = note;
+  }
+
+  function draw(data) {
+    $("study-title").textContent = data.title ? "· " + data.title : "";
+    ["started", "finished", "active", "abandoned", "declined"].forEach(function (k) {
+      setText("total-" + k, data.totals[k]);
+    });
+    $("cells-note").textContent = "Abandoned: no message for " + data.active_minutes + " minutes.";
+    drawCells(data.cells);
+    hbars($("funnel"), data.funnel, "step");
+    hbars($("problems"), data.problem_types, "type");
+    var r = data.replies;
+    $("window").textContent = "over the last " + r.window_minutes + " minutes";
+    setText("p50", seconds(r.p50_ms));
+    setText("p95", seconds(r.p95_ms));
+    setText("mean", seconds(r.mean_ms));
+    setText("success", r.success_percent === null ? "–" : r.success_percent + "%");
+    setText("errors", r.errors);
+    setText("fallbacks", r.fallbacks);
+    drawTimeline(data.timeline, r.window_minutes, data.generated_at);
+    drawWorkers(data.workers, data.memory, data.thresholds.memory_percent);
+    var warnings = data.warnings.map(function (w) { return make("p", "warning", w); });
+    $("warnings").replaceChildren.apply($("warnings"), warnings);
+    $("updated").textContent = "Updated " + new Date().toLocaleTimeString() + " · refreshes every " + REFRESH_MS / 1000 + " s";
+  }
+
+  async function refresh() {
+    try {
+      var response = await fetch("/admin/api/stats", { credentials: "same-origin", cache: "no-store" });
+      if (response.status === 401) {
+        location.reload(); // the token changed or the cookie expired: show the sign-in form
+        return;
+      }
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      draw(await response.json());
+    } catch (error) {
+      $("updated").textContent = "Could not refresh (" + error.message + "); trying again.";
+    } finally {
+      setTimeout(refresh, REFRESH_MS);
+    }
+  }
+
+  refresh();
+})();

@@ -1,0 +1,257 @@
+"""The dashboard: the token, 401s everywhere without it, the numbers, the download, and the page in Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sqlite3
+import stat
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from combot import admin, monitor, store, web
+from combot.study import load_study
+from tests.conftest import CHROMIUM, DEFAULT_STUDY, free_port
+from tests.inprocess import Client, FakeClassifier, client_factory, finish
+
+TOKEN = "researcher-token-for-tests-0123456789"
+SCREENSHOT = Path("/tmp/combot-dashboard.png")
+ADMIN_PATHS = ["/admin", "/admin/api/stats", "/admin/export.zip", "/admin/export.zip?anonymise=1", "/admin/anything",
+               "/admin/login"]
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    yield from client_factory(tmp_path, monkeypatch)
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_every_admin_address_is_401_without_the_right_token(client: Client) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    for path in ADMIN_PATHS:
+        for headers in ({}, bearer("wrong"), bearer(""), {"Authorization": TOKEN}, {"Cookie": f"combot_admin={TOKEN}"},
+                        {"Cookie": "combot_admin=" + admin.cookie_value("wrong")}):
+            response = c.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert TOKEN not in response.text
+    for path in ("/admin/logout", "/admin/anything"):
+        assert c.post(path).status_code == 401
+    # The token is never accepted from the URL.
+    assert c.get(f"/admin/api/stats?token={TOKEN}").status_code == 401
+    assert c.get("/admin/api/stats", headers=bearer()).status_code == 200
+    assert c.get("/admin/anything", headers=bearer()).status_code == 404
+
+
+def test_a_generated_token_is_stored_beside_the_database_for_the_owner_only(tmp_path: Path) -> None:
+    settings = load_study(DEFAULT_STUDY, environ={}).settings
+    first = admin.ensure_token(settings, tmp_path / "study.db")
+    assert first.created and first.source == str(tmp_path / "study.db.admin-token")
+    assert stat.S_IMODE(os.stat(first.source).st_mode) == 0o600
+    again = admin.ensure_token(settings, tmp_path / "study.db")
+    assert not again.created and again.value == first.value and len(first.value) >= 40
+    configured = load_study(DEFAULT_STUDY, environ={"COMBOT_ADMIN_TOKEN": "from-env"}).settings
+    assert admin.ensure_token(configured, tmp_path / "study.db").value == "from-env"
+
+
+def test_workers_starting_together_agree_on_one_token(tmp_path: Path) -> None:
+    settings = load_study(DEFAULT_STUDY, environ={}).settings
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda: found.append(admin.ensure_token(settings, tmp_path / "db").value))
+               for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(found)) == 1 and len(found) == 16
+    assert [p.name for p in tmp_path.iterdir()] == ["db.admin-token"]
+
+
+def test_the_login_form_sets_a_strict_httponly_cookie(client: Client) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    page = c.get("/admin")
+    assert page.status_code == 401 and "<form" in page.text and 'name="token"' in page.text
+    wrong = c.post("/admin/login", data={"token": "nope"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "not right" in wrong.text and "set-cookie" not in wrong.headers
+    right = c.post("/admin/login", data={"token": TOKEN}, follow_redirects=False)
+    assert right.status_code == 303 and TOKEN not in right.headers["location"]
+    cookie = right.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/admin" in cookie
+    assert TOKEN.lower() not in cookie
+    dashboard = c.get("/admin")
+    assert dashboard.status_code == 200 and "admin.js" in dashboard.text
+    assert "frame-ancestors 'none'" in dashboard.headers["content-security-policy"]
+    assert c.get("/admin/api/stats").status_code == 200
+    assert c.post("/admin/logout", follow_redirects=False).status_code == 303
+    c.cookies.clear()
+    assert c.get("/admin/api/stats").status_code == 401
+
+
+def test_the_numbers(client: Client, tmp_path: Path) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN, "COMBOT_CONSENT": "true"})
+    sessions = [c.post("/api/sessions", json={"consent": True}).json()["session_id"] for _ in range(10)]
+    c.post("/api/declines")
+    for session in sessions[:3]:
+        assert finish(c, session)["expects"] == "done"
+    c.post(f"/api/sessions/{sessions[3]}/messages", json={"text": "The courier lost my parcel."})
+    with sqlite3.connect(tmp_path / "web.db") as conn:  # one participant went quiet an hour ago
+        conn.execute("UPDATE participants SET updated_at = ? WHERE token = ?", (store.ago(3600), sessions[9]))
+    numbers = c.get("/admin/api/stats", headers=bearer()).json()
+    assert numbers["totals"] == {"started": 10, "finished": 3, "active": 6, "abandoned": 1, "declined": 1}
+    cells = numbers["cells"]
+    assert len(cells) == 8 and [c["number"] for c in cells] == list(range(1, 9))
+    assert sorted(cell["started"] for cell in cells) == [1, 1, 1, 1, 1, 1, 2, 2]
+    funnel = {step["step"]: step["n"] for step in numbers["funnel"]}
+    assert funnel["opened the chat"] == 10 and funnel["first message (problem)"] == 4
+    assert funnel["message 5"] == 3 and funnel["finished (e-mail given)"] == 3
+    assert {p["type"]: p["n"] for p in numbers["problem_types"]} == {"A": 0, "B": 4, "C": 0, "Other": 0, "not yet": 6}
+    replies = numbers["replies"]
+    assert replies["replies"] == 3 * 6 + 1 and replies["errors"] == 0 and replies["success_percent"] == 100
+    assert replies["p50_ms"] is not None and replies["p95_ms"] >= replies["p50_ms"]
+    assert [w["pid"] for w in numbers["workers"]] == [os.getpid()] and numbers["workers"][0]["rss_bytes"] > 10**6
+    assert numbers["memory"]["total_bytes"] > 0 and numbers["timeline"][-1]["replies"] >= 1
+    assert numbers["warnings"] == [] or all("Memory" in w for w in numbers["warnings"])
+
+
+def test_server_errors_count_against_the_success_rate(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN, "COMBOT_ADMIN_SUCCESS_WARN_PERCENT": "95"})
+    session = c.post("/api/sessions", json={}).json()["session_id"]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(web.engine, "respond", broken)
+    for _ in range(3):
+        assert c.post(f"/api/sessions/{session}/messages", json={"text": "hello there"}).status_code == 500
+    numbers = c.get("/admin/api/stats", headers=bearer()).json()
+    assert numbers["replies"]["errors"] == 3 and numbers["replies"]["success_percent"] == 25.0
+    assert any("succeeded" in w and "95" in w for w in numbers["warnings"])
+
+
+def test_warnings_follow_the_thresholds() -> None:
+    thresholds = {"memory_percent": 80.0, "reply_seconds": 30.0, "success_percent": 95.0}
+    calm = monitor.warnings({"used_percent": 40.0}, {"mean_ms": 2000, "success_percent": 100.0, "window_minutes": 15},
+                            thresholds)
+    assert calm == []
+    loud = monitor.warnings({"used_percent": 91.0}, {"mean_ms": 31000, "success_percent": 90.0, "window_minutes": 15},
+                            thresholds)
+    assert len(loud) == 3 and "91%" in loud[0] and "31.0 s" in loud[1] and "90.0%" in loud[2]
+
+
+def test_the_download_is_a_zip_of_the_export(client: Client) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    finish(c, c.post("/api/sessions", params={"PROLIFIC_PID": "pp"}, json={}).json()["session_id"])
+    full = c.get("/admin/export.zip", headers=bearer())
+    assert full.status_code == 200 and full.headers["content-type"] == "application/zip"
+    assert "attachment" in full.headers["content-disposition"]
+    names = zipfile.ZipFile(io.BytesIO(full.content)).namelist()
+    assert sorted(names) == ["codebook.md", "messages.csv", "participants.csv", "personal.csv"]
+    anonymous = zipfile.ZipFile(io.BytesIO(c.get("/admin/export.zip?anonymise=1", headers=bearer()).content))
+    assert "personal.csv" not in anonymous.namelist()
+    assert b"someone@example.com" not in b"".join(anonymous.read(n) for n in anonymous.namelist())
+    jsonl = zipfile.ZipFile(io.BytesIO(c.get("/admin/export.zip?format=jsonl", headers=bearer()).content))
+    assert "messages.jsonl" in jsonl.namelist()
+
+
+# --- the page in a real browser -------------------------------------------------------------------------
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """The app on a loopback port (Hypercorn in a thread, the stand-in classifier); returns its URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    monkeypatch.setattr(web, "load_classifier", lambda study: FakeClassifier())
+    stops: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, threading.Thread]] = []
+
+    def start(environ: dict[str, str]) -> str:
+        study = load_study(DEFAULT_STUDY, environ=environ)
+        app = web.create_app(database=str(tmp_path / "live.db"), study=study)
+        config = Config()
+        port = free_port()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = None
+        loop = asyncio.new_event_loop()
+        stop = asyncio.Event()
+
+        def run() -> None:
+            loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        stops.append((loop, stop, thread))
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(100):
+            try:
+                if httpx.get(url + "healthz", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            threading.Event().wait(0.1)
+        raise AssertionError("the in-thread server did not start")
+
+    yield start
+    for loop, stop, thread in stops:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+@pytest.mark.slow
+def test_the_dashboard_in_headless_chromium(served: Callable[..., str], tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    url = served({"COMBOT_ADMIN_TOKEN": TOKEN})
+    with httpx.Client(base_url=url, timeout=30) as http:
+        sessions = [http.post("api/sessions", json={}).json()["session_id"] for _ in range(5)]
+        http.post(f"api/sessions/{sessions[0]}/messages", json={"text": "=1+1 my parcel <b>never</b> came"})
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1600})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            response = page.goto(url + "admin")
+            assert response is not None and response.status == 401
+            page.fill("#token", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_url(url + "admin")
+            assert TOKEN not in page.url
+            errors.clear()  # the sign-in page itself came with its 401
+            expect = sync_api.expect
+            expect(page.locator("#total-started")).to_have_text("5", timeout=15000)
+            assert page.text_content("#total-finished") == "0"
+            assert page.text_content("#total-active") == "5"
+            rows = page.locator("#cells tr")
+            assert rows.count() == 8
+            started = sorted(int(rows.nth(i).locator(".count-started").text_content() or "0") for i in range(8))
+            assert started == [0, 0, 0, 1, 1, 1, 1, 1]
+            assert "first message" in (page.text_content("#funnel") or "")
+            assert page.locator("#timeline svg rect").count() >= 1
+            assert page.locator("#workers tr").count() >= 1
+            # Stays fresh on its own.
+            with httpx.Client(base_url=url, timeout=30) as http:
+                http.post("api/sessions", json={})
+            expect(page.locator("#total-started")).to_have_text("6", timeout=15000)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            cookies = {c["name"]: c for c in page.context.cookies()}
+            assert cookies["combot_admin"]["httpOnly"] and cookies["combot_admin"]["sameSite"] == "Strict"
+            assert errors == [], errors
+            with page.expect_download() as download:
+                page.click(".download button")
+            assert download.value.suggested_filename == "combot-export.zip"
+        finally:
+            browser.close()
