@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -261,7 +260,3 @@ def warnings(memory: Mapping[str, Any], replies: Mapping[str, Any], thresholds: 
         out.append(f"Only {replies['success_percent']:.1f}% of requests succeeded over the last"
                    f" {replies['window_minutes']} minutes (warning below {thresholds['success_percent']:g}%).")
     return out
-
-
-def factors_of(row: Mapping[str, Any]) -> dict[str, str]:
-    return json.loads(row["factors"] or "{}")

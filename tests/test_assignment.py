@@ -3,9 +3,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
+import pytest
+
+from combot import store
 from combot.assignment import choose_cell
+from combot.errors import ConfigError
 from combot.study import load_study
 from tests.conftest import DEFAULT_STUDY
 
@@ -50,3 +54,37 @@ def test_random_assignment(study_file: Callable[..., Path]) -> None:
     labels = {choose_cell(study, {}, random.Random(i))[0] for i in range(200)}
     assert len(labels) == 8
     assert choose_cell(study, {}, random.Random(1))[3] == "random"
+
+
+def _participant(conn: Any, study: Any, pid: str, fill: str = "started", active_minutes: float = 30) -> str:
+    def greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[store.NewMessage]]:
+        return {"stage": "chat", "turn": 0}, [store.NewMessage("bot", "greeting", "Hello")]
+
+    row, _ = store.create_participant(conn, participant_id=pid, token="t-" + pid, greet=greet, fill=fill,
+                                      active_minutes=active_minutes,
+                                      choose_cell=lambda counts: choose_cell(study, counts, random.Random(pid)))
+    return str(row["cell"])
+
+
+def test_what_counts_as_filled_is_configurable(tmp_path: Path, study_file: Callable[..., Path]) -> None:
+    study = load_study(study_file({'assignment = "balanced"': 'assignment = "balanced"\nfill = "finished_or_active"\n'
+                                                              'active_minutes = 20'}))
+    assert (study.fill, study.active_minutes) == ("finished_or_active", 20)
+    conn = store.connect(tmp_path / "fill.db")
+    cells = [_participant(conn, study, f"p{i}") for i in range(8)]
+    assert sorted(store.cell_counts(conn, "started").values()) == [1] * 8
+    # p0 finished, p1 went quiet 30 minutes ago, p2 declined-style rows never count.
+    conn.execute("UPDATE participants SET status = 'finished', updated_at = ? WHERE id = 'p0'", (store.ago(7200),))
+    conn.execute("UPDATE participants SET updated_at = ? WHERE id = 'p1'", (store.ago(30 * 60),))
+    store.record_decline(conn, participant_id="d1", token="t-d1")
+    assert store.cell_counts(conn, "started") == {cell: 1 for cell in cells}
+    active = store.cell_counts(conn, "finished_or_active", 20)
+    assert cells[1] not in active and active[cells[0]] == 1 and sum(active.values()) == 7
+    # The next arrival takes the slot the quiet participant left; with "started" it could not tell.
+    assert _participant(conn, study, "p8", study.fill, study.active_minutes) == cells[1]
+
+
+def test_an_unknown_fill_rule_is_refused_with_its_line(study_file: Callable[..., Path]) -> None:
+    path = study_file({'assignment = "balanced"': 'assignment = "balanced"\nfill = "whenever"'})
+    with pytest.raises(ConfigError, match=r"line \d+: \[study.fill\] must be one of started, finished_or_active"):
+        load_study(path)
