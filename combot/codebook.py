@@ -142,7 +142,7 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         for name, column in layout.params.items():
             personal.append((column, "text", f"the URL parameter `{name}` the study link was opened with"))
         personal.append(("user_agent", "text", "the browser's User-Agent string (can help identify a person)"))
-        out += [f"## {'personal'}.{ext}\n", "Personal data (ethics boards treat e-mail addresses and platform ids"
+        out += [f"## personal.{ext}\n", "Personal data (ethics boards treat e-mail addresses and platform ids"
                 " so): keep apart from the research data; `--anonymise` leaves this file out.\n", _table(personal)]
 
     notes = ["## Reading the files\n"]

@@ -172,7 +172,7 @@
     try {
       var response = await fetch("/admin/api/stats", { credentials: "same-origin", cache: "no-store" });
       if (response.status === 401) {
-        location.reload(); // the token changed or the cookie expired: show the sign-in form
+        location.assign("/admin"); // the token changed or the cookie expired: the sign-in form
         return;
       }
       if (!response.ok) throw new Error("HTTP " + response.status);
