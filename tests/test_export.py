@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from combot import engine, export, store
 from combot.assignment import choose_cell
@@ -247,3 +249,13 @@ def test_100k_messages_export_in_bounded_memory(tmp_path: Path, study: Study) ->
     assert size > 15_000_000
     # Holding the rows (or the file) would take tens of megabytes; streaming stays near a few hundred KB.
     assert peak < 1_000_000, peak
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40), min_size=1, max_size=6))
+def test_any_text_survives_a_csv_round_trip_neutralised_and_only_then(texts: list[str]) -> None:
+    buffer = io.StringIO(newline="")
+    export.write_rows(buffer, "csv", ["a", "b"], [{"a": t, "b": len(t)} for t in texts])
+    back = list(csv.DictReader(io.StringIO(buffer.getvalue(), newline="")))
+    assert [r["a"] for r in back] == [("'" + t if t.startswith(("=", "+", "-", "@", "\t", "\r")) else t) for t in texts]
+    assert [r["b"] for r in back] == [str(len(t)) for t in texts]
