@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def worker_pids(server: LiveServer) -> set[int]:
     children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    return {int(pid) for pid in children if "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
+    return {int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
 
 
 def test_whole_conversations_over_loopback_land_in_the_database(live_server: Callable[..., LiveServer]) -> None:

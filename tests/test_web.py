@@ -68,10 +68,10 @@ def test_a_whole_conversation_is_stored_message_by_message(client: Client, tmp_p
     assert answer["expects"] == "email"
     retry = send(c, session["session_id"], "not-an-email")
     assert retry["expects"] == "email"
-    final = send(c, session["session_id"], "me@example.com")
+    final = send(c, session["session_id"], "zq.participant@example.org")
     assert final["expects"] == "done"
     link = final["replies"][-1]["link"]
-    assert link["url"].startswith("https://") and "pid=p" in link["url"] and "example.com" not in link["url"].split("?")[1]
+    assert link["url"].startswith("https://") and "pid=p" in link["url"] and "zq.participant" not in link["url"].split("?")[1]
     shown += [r["text"] for r in retry["replies"] + final["replies"]]
 
     conn = db(tmp_path)
@@ -82,8 +82,8 @@ def test_a_whole_conversation_is_stored_message_by_message(client: Client, tmp_p
     assert set(scores) == {"A", "B", "C", "Other"} and abs(sum(scores.values()) - 1) < 1e-4
     stored_bot = [r["text"] for r in conn.execute("SELECT text FROM messages WHERE sender='bot' ORDER BY id")]
     assert stored_bot == shown
-    assert conn.execute("SELECT email FROM emails").fetchone()[0] == "me@example.com"
-    assert "me@example.com" not in json.dumps([dict(r) for r in conn.execute("SELECT * FROM messages")])
+    assert conn.execute("SELECT email FROM emails").fetchone()[0] == "zq.participant@example.org"
+    assert "zq.participant@example.org" not in json.dumps([dict(r) for r in conn.execute("SELECT * FROM messages")])
 
     late = c.post(f"/api/sessions/{session['session_id']}/messages", json={"text": "hello?"})
     assert late.status_code == 409 and "error" in late.json()
