@@ -384,3 +384,50 @@ def test_a_conversation_finished_elsewhere_reloads_on_conflict(live_server: Call
     assert transcript(page) == stored
     assert not browser.outside
 
+
+def test_consent_comes_first_when_the_study_asks_for_it(live_server: Callable[..., Any],
+                                                        phone: Callable[[str], Phone]) -> None:
+    server = live_server(workers=1, env={**os.environ, "COMBOT_CONSENT": "true"})
+    browser = phone(server.url)
+    page = browser.open("?PROLIFIC_PID=agrees", wait_for="#consent:not([hidden])")
+    assert page.locator("#consent h2").inner_text().strip()
+    assert page.locator("#consent-text p").count() >= 1
+    assert page.locator("#composer").is_hidden()
+    assert read_db(server.database)["participants"] == [], "showing the consent page must not start a session"
+
+    page.locator("#consent-agree").click()
+    page.wait_for_selector(".msg--bot .bubble__text")
+    assert page.locator("#consent").is_hidden()
+    assert focused_id(page) == "message"
+    send(page, FIRST)
+    page.reload()  # the session is stored: no second consent page
+    page.wait_for_selector(".msg--participant")
+    assert page.locator("#consent").is_hidden()
+
+    other = browser.open("?PROLIFIC_PID=declines", wait_for="#consent:not([hidden])")
+    other.locator("#consent-decline").click()
+    other.wait_for_selector("#declined:not([hidden])")
+    assert other.locator("#declined").inner_text().strip()
+    assert other.locator("#composer").is_hidden() and other.locator("#log .msg").count() == 0
+    statuses = sorted((json.loads(p["url_params"])["PROLIFIC_PID"], p["status"])
+                      for p in read_db(server.database)["participants"])
+    assert statuses == [("agrees", "started"), ("declines", "declined")]
+    assert not browser.outside
+
+
+def test_completion_redirect_without_a_survey(live_server: Callable[..., Any], phone: Callable[[str], Phone],
+                                             study_file: Callable[..., Path]) -> None:
+    config = study_file(replace={
+        'url = "https://example.qualtrics.com/jfe/form/SV_0000000000?pid={participant_id}"':
+            'url = ""\ncompletion_url = "https://app.prolific.com/submissions/complete?cc=C0DE"'})
+    server = live_server(workers=1, config=config)
+    browser = phone(server.url)
+    page = browser.open("?PROLIFIC_PID=abc123")
+    page.route("https://app.prolific.com/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body="<title>Prolific</title>done"))
+    walk_to_the_end(page)
+    assert page.locator("#log a").count() == 0, "no survey configured: the thank-you has no link"
+    handoff = page.locator("#handoff a")
+    assert handoff.get_attribute("href") == "https://app.prolific.com/submissions/complete?cc=C0DE"
+    assert "automatically" in page.locator("#handoff-text").inner_text()
+    page.wait_for_url("https://app.prolific.com/submissions/complete?cc=C0DE", timeout=15_000)
