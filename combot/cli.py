@@ -224,4 +224,84 @@ def main() -> None:
 
 
 # --- classifier commands (classify, train) ---
+def _classifier_settings(config_path: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The [classifier] settings, with the model directory and head resolved to paths."""
+    from combot.classifier import default_model_dir
+
+    cfg = dict(_load(config_path, "classifier", flags).settings.section("classifier"))
+    cfg["model_dir"] = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
+    cfg["head"] = Path(cfg["head"]) if cfg.get("head") else None
+    return cfg
+
+
+@cli.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input text.")
+@_config_option
+@_setting_options("classifier")
+def classify(texts: tuple[str, ...], as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """Classify complaint texts (A, B, C or Other) and print each label with all scores.
+
+    Pass the texts as arguments, or `-` to read one text per line from standard input.
+    """
+    import json
+
+    from combot.classifier import Classifier, ModelError
+
+    if texts == ("-",):
+        texts = tuple(line.rstrip("\r\n") for line in sys.stdin if line.strip())
+        if not texts:
+            raise click.ClickException("no text on standard input")
+    cfg = _classifier_settings(config_path, flags)
+    try:
+        classifier = Classifier.load(cfg["model_dir"], head=cfg["head"], threads=cfg["threads"],
+                                     max_length=cfg["max_length"], threshold=cfg["threshold"])
+    except (ModelError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    for text, result in zip(texts, classifier.classify(list(texts))):
+        if as_json:
+            click.echo(json.dumps({"text": text, "label": result.label, "top": result.top,
+                                   "scores": result.scores}, ensure_ascii=False))
+            continue
+        scores = "  ".join(f"{name} {value:.3f}" for name, value in result.scores.items())
+        note = f" (top {result.top}, below threshold {classifier.threshold:g})" if result.label != result.top else ""
+        preview = text if len(text) <= 60 else text[:57] + "..."
+        click.echo(f"{result.label}{note}\t{scores}\t{preview}")
+
+
+@cli.command()
+@click.argument("csv_path", metavar="LABELED.CSV", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write head.json into (never the shipped model/).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 20),
+              help="Folds of the cross-validation that estimates the scores.")
+@click.option("--l2", default=None, type=click.FloatRange(min=0.0, min_open=True),
+              help="L2 penalty on the head's weights [default: 0.001].")
+@_config_option
+@_setting_options("classifier", ("model_dir", "max_length", "threads"))
+def train(csv_path: Path, out_dir: Path, folds: int, l2: float | None, config_path: str | None,
+          **flags: Any) -> None:
+    """Train a classifier head on your own labelled messages (a CSV with columns text,label).
+
+    Embeds the texts with the shipped encoder, fits a regularised logistic regression, prints
+    cross-validated scores and writes OUT/head.json; select it in combot.toml under [classifier].
+    """
+    from combot import training
+    from combot.classifier import ModelError
+
+    cfg = _classifier_settings(config_path, flags)
+    click.echo(f"Training on {csv_path} with the encoder in {cfg['model_dir']} ...")
+    try:
+        result = training.train_head(csv_path, out_dir, model_dir=cfg["model_dir"], folds=folds,
+                                     l2=l2 if l2 is not None else training.DEFAULT_L2,
+                                     threads=cfg["threads"], max_length=cfg["max_length"])
+    except (training.TrainingDataError, ModelError) as error:
+        raise click.ClickException(str(error)) from None
+    counts = ", ".join(f"{label} {n}" for label, n in result.counts.items())
+    click.echo(f"{result.examples} examples ({counts}); {result.folds}-fold cross-validated scores:")
+    click.echo(result.cv.table())
+    click.echo(f"\nWrote {result.head_path}. To use it, put this in combot.toml:\n")
+    click.echo(f'[classifier]\nhead = "{result.head_path.as_posix()}"')
+    if "Other" not in result.labels:
+        click.echo("\nNote: with no label 'Other', the [classifier] threshold has nothing to fall back to.")
 # --- end classifier commands ---

@@ -1,0 +1,303 @@
+"""The complaint classifier at run time: a quantized ONNX sentence encoder and a softmax head.
+
+Only onnxruntime, tokenizers and numpy are used here; torch is a build-time tool
+(`tools/build_model.py`). The encoder graph does the mean pooling and L2 normalisation itself,
+so its output `sentence_embedding` is a unit vector per text and the head is a plain
+`softmax(E @ W.T + b)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ENCODER_FILE = "encoder.int8.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+HEAD_FILE = "head.json"
+HEAD_FORMAT = "combot-head/1"
+
+
+class ModelError(ValueError):
+    """The model directory or head file is missing, malformed or does not fit the encoder."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One classified text: the label after thresholding, every label's score, the arg-max label."""
+
+    label: str
+    scores: dict[str, float]
+    top: str
+
+
+def default_model_dir() -> Path:
+    """Where the shipped model lives: $COMBOT_MODEL_DIR, the .pyz bundle, or the source checkout."""
+    env = os.environ.get("COMBOT_MODEL_DIR")
+    if env:
+        return Path(env)
+    bundled = Path(__file__).resolve().parent / "_bundled" / "model"
+    if bundled.is_dir():
+        return bundled
+    return Path(__file__).resolve().parent.parent / "model"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file; a head records the encoder it was trained on by this digest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Head:
+    """A softmax head: `labels[i]` scores `embedding @ weights[i] + bias[i]`."""
+
+    labels: tuple[str, ...]
+    weights: np.ndarray  # (n_labels, dim) float32
+    bias: np.ndarray  # (n_labels,) float32
+    encoder_sha256: str | None
+    meta: dict[str, object]
+
+    @classmethod
+    def read(cls, path: Path) -> Head:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"head file not found: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read head file {path}: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("format") != HEAD_FORMAT:
+            raise ModelError(f"{path} is not a combot head file (expected format {HEAD_FORMAT!r})")
+        try:
+            labels = tuple(str(label) for label in raw["labels"])
+            weights = np.asarray(raw["weights"], dtype=np.float32)
+            bias = np.asarray(raw["bias"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"malformed head file {path}: {exc}") from None
+        n = len(labels)
+        if n < 2 or len(set(labels)) != n:
+            raise ModelError(f"head file {path} needs at least two distinct labels, got {labels}")
+        if weights.ndim != 2 or weights.shape[0] != n or bias.shape != (n,):
+            raise ModelError(
+                f"head file {path}: weights {weights.shape} and bias {bias.shape} "
+                f"do not match {n} labels"
+            )
+        sha = raw.get("encoder_sha256")
+        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        return cls(labels, weights, bias, str(sha) if sha else None, meta)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": HEAD_FORMAT,
+            "labels": list(self.labels),
+            "encoder_sha256": self.encoder_sha256,
+            "weights": [[float(x) for x in row] for row in self.weights],
+            "bias": [float(x) for x in self.bias],
+            "meta": self.meta,
+        }
+
+    def write(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        logits = embeddings.astype(np.float64) @ self.weights.T.astype(np.float64) + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+class Encoder:
+    """Tokenizer plus ONNX session: texts in, unit-length sentence embeddings out."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        threads: int = 1,
+        max_length: int = 128,
+        filename: str = ENCODER_FILE,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        onnx_path = model_dir / filename
+        tokenizer_path = model_dir / TOKENIZER_FILE
+        for required in (onnx_path, tokenizer_path):
+            if not required.is_file():
+                raise ModelError(f"model file not found: {required}")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        if max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        self.path = onnx_path
+        self.max_length = max_length
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # The upstream tokenizer.json pads every text to 128 tokens; we pad per batch ourselves.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        # Several server workers share the machine: idle intra-op threads must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self._output = self._session.get_outputs()[0].name
+        self.dim = int(self._session.get_outputs()[0].shape[-1])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token ids and mask, padded to the longest text of this batch (never to a fixed size)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        # encode() one by one: encode_batch would start a rayon pool per worker process for
+        # batches too small to gain from it.
+        encodings = [self._tokenizer.encode(str(text)) for text in texts]
+        width = max((len(e.ids) for e in encodings), default=0)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        feeds = self.tokenize(texts)
+        if feeds["input_ids"].shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        (out,) = self._session.run([self._output], feeds)
+        return np.asarray(out, dtype=np.float32)
+
+
+class Classifier:
+    """The encoder and a head; `classify` is safe to call from many threads at once."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        head: Head,
+        *,
+        threshold: float = 0.0,
+        fallback_label: str = "Other",
+    ) -> None:
+        if head.weights.shape[1] != encoder.dim:
+            raise ModelError(
+                f"the head expects {head.weights.shape[1]}-dimensional embeddings, "
+                f"the encoder produces {encoder.dim}"
+            )
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError("threshold must be between 0 and 1")
+        self.encoder = encoder
+        self.head = head
+        self.threshold = float(threshold)
+        self.fallback_label = fallback_label
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        head: Path | None = None,
+        threads: int = 1,
+        max_length: int = 128,
+        threshold: float = 0.0,
+        fallback_label: str = "Other",
+    ) -> Classifier:
+        """Load the encoder from `model_dir` and the head (default: `model_dir/head.json`)."""
+        encoder = Encoder(Path(model_dir), threads=threads, max_length=max_length)
+        head_path = Path(head) if head is not None else Path(model_dir) / HEAD_FILE
+        loaded = Head.read(head_path)
+        if loaded.encoder_sha256 and loaded.encoder_sha256 != file_sha256(encoder.path):
+            raise ModelError(
+                f"head {head_path} was trained on a different encoder than {encoder.path}; "
+                "retrain it with `combot train`"
+            )
+        return cls(encoder, loaded, threshold=threshold, fallback_label=fallback_label)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.head.labels
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length sentence embeddings, shape (len(texts), dim), float32."""
+        return self.encoder.embed(texts)
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        probs = self.head.probabilities(self.embed(texts))
+        labels = self.head.labels
+        fallback = self.fallback_label if self.fallback_label in labels else None
+        results = []
+        for row in probs:
+            best = int(row.argmax())
+            top = labels[best]
+            label = top
+            if fallback is not None and row[best] < self.threshold:
+                label = fallback
+            scores = {name: float(p) for name, p in zip(labels, row, strict=True)}
+            results.append(Classification(label=label, scores=scores, top=top))
+        return results
+
+
+_instances: dict[tuple[object, ...], Classifier] = {}
+_instances_lock = threading.Lock()
+
+
+def get_classifier(
+    model_dir: Path,
+    *,
+    head: Path | None = None,
+    threads: int = 1,
+    max_length: int = 128,
+    threshold: float = 0.0,
+) -> Classifier:
+    """The process-wide classifier for these arguments, loaded once behind a lock."""
+    key = (
+        Path(model_dir).resolve(),
+        Path(head).resolve() if head is not None else None,
+        threads,
+        max_length,
+        threshold,
+    )
+    with _instances_lock:
+        found = _instances.get(key)
+        if found is None:
+            found = Classifier.load(
+                Path(model_dir),
+                head=head,
+                threads=threads,
+                max_length=max_length,
+                threshold=threshold,
+            )
+            _instances[key] = found
+        return found
+
+
+async def classify_async(
+    classifier: Classifier,
+    text: str,
+    executor: concurrent.futures.Executor | None = None,
+) -> Classification:
+    """Classify one text in a worker thread so the event loop keeps serving other requests."""
+    loop = asyncio.get_running_loop()
+    results = await loop.run_in_executor(executor, classifier.classify, [text])
+    return results[0]
