@@ -68,6 +68,9 @@ def build(output: Path, platform: str | None = None, python_version: str | None 
                 shutil.copytree(source, bundled / name, ignore=shutil.ignore_patterns("__pycache__", "*.fp32.onnx"))
             else:
                 shutil.copy2(source, bundled / name)
+        # sqlite-utils declares pip for its `install` command, which Combot never runs.
+        for unused in ("pip", "bin"):
+            shutil.rmtree(site / unused, ignore_errors=True)
         for cache in site.rglob("__pycache__"):
             shutil.rmtree(cache, ignore_errors=True)
         # shiv runs from its own temporary install: the build needs nothing but pip.
@@ -75,7 +78,7 @@ def build(output: Path, platform: str | None = None, python_version: str | None 
         output.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(tools)}
         subprocess.run([sys.executable, "-m", "shiv", "--site-packages", str(site), "--entry-point", "combot.cli:main",
-                        "--output-file", str(output), "--python", "/usr/bin/env python3", "--compressed",
+                        "--output-file", str(output), "--python", "/usr/bin/env python3", "--compressed", "--compile-pyc",
                         "--reproducible"], check=True, env=env, stdout=subprocess.DEVNULL)
     return output
 

@@ -45,10 +45,15 @@ def _flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(name, opt.name, type=kind, default=None, help=help_text)
 
 
+def _study_path(config_path: str | None) -> str | None:
+    """--config, else ./combot.toml when there is one, else None: the bundled default study."""
+    if config_path is None and Path("combot.toml").is_file():
+        return "combot.toml"
+    return config_path
+
+
 def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | None = None) -> Study:
-    path = config_path
-    if path is None and Path("combot.toml").is_file():
-        path = "combot.toml"
+    path = _study_path(config_path)
     overrides = {f"{section}.{name}": value for name, value in (flags or {}).items() if value is not None}
     try:
         return load_study(path, overrides=overrides)
@@ -70,17 +75,32 @@ def serve(config_path: str | None, **flags: Any) -> None:
     cfg = study.settings.section("server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     options = server.ServeOptions(
-        config_path=study.path if study.path not in ("<default>", "<string>") else None,
+        config_path=_study_path(config_path),
         database=Path(cfg["database"]), host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
         graceful_timeout=cfg["graceful_timeout"], max_requests=cfg["max_requests"], access_log=cfg["access_log"],
         request_timeout=cfg["request_timeout"],
     )
+
+    # The researcher token exists before any worker starts, so a newly generated one is printed here, once.
+    from combot import admin
+
+    try:
+        token = admin.ensure_token(study.settings, options.database.resolve())
+    except OSError as error:
+        raise click.ClickException(f"cannot store the admin token beside the database: {error}") from None
 
     def ready() -> None:
         click.echo(f"Combot is serving '{study.title}' from {options.config_path or 'the bundled default study'}")
         click.echo(f"  participants open: {server.bound_url(options.host, options.port)}")
         click.echo(f"  database:          {options.database.resolve()}")
         click.echo(f"  workers:           {options.workers}   (Ctrl-C stops after in-flight replies finish)")
+        click.echo(f"  researcher page:   {server.bound_url(options.host, options.port)}admin")
+        if token.created:
+            click.echo(f"  admin token:       {token.value}   (shown once; kept in {token.source})")
+        elif token.source == "environment":
+            click.echo("  admin token:       from COMBOT_ADMIN_TOKEN / [server] admin_token")
+        else:
+            click.echo(f"  admin token:       in {token.source}")
 
     sys.exit(server.serve(study, options, on_ready=ready))
 

@@ -67,7 +67,14 @@ def hypercorn_config(options: ServeOptions) -> Config:
 def _worker(config: Config, sockets: Any, shutdown_event: Any) -> None:
     from hypercorn.asyncio.run import asyncio_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    # Hypercorn logs its own messages; Combot's get one handler of their own (not the root's, which
+    # would print Hypercorn's twice).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    combot_log = logging.getLogger("combot")
+    combot_log.addHandler(handler)
+    combot_log.setLevel(logging.INFO)
+    combot_log.propagate = False
     asyncio_worker(config, sockets, shutdown_event)
 
 

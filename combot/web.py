@@ -115,17 +115,13 @@ def _client_message_id(data: Mapping[str, Any]) -> str | None:
 
 # --- what the page sees ---------------------------------------------------------------------------
 
-def _reply_json(text: str, kind: str, link: engine.Link | None = None) -> dict[str, Any]:
-    # `kind` tells the page how to render a message (e.g. the final one); it never names the cell.
-    out: dict[str, Any] = {"text": text}
+def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dict[str, Any]:
+    """A stored bot message as the page sees it: its text, and the survey link on the last one."""
+    out: dict[str, Any] = {"text": row["text"]}
+    link = engine.survey_link(study, link_values) if row["kind"] == "thanks" else None
     if link is not None:
         out["link"] = {"url": link.url, "label": link.label}
     return out
-
-
-def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dict[str, Any]:
-    link = engine.survey_link(study, link_values) if row["kind"] == "thanks" else None
-    return _reply_json(row["text"], row["kind"], link)
 
 
 def _link_values(participant: Any) -> dict[str, str]:
@@ -240,8 +236,13 @@ async def post_message(request: Request) -> Response:
     seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
     step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
     replies = await _bot_messages(res, participant["id"], factors, step, started)
-    incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message",
-                                "[e-mail address]" if step.email else text, client_message_id=client_id)
+    # What a participant types at the e-mail step is personal data even when it is not a valid
+    # address (a typo of one): only the emails table ever holds it.
+    shown = text
+    if state.stage == "email":
+        shown = "[e-mail address]" if step.email else "[not an e-mail address]"
+    incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
+                                client_message_id=client_id)
     stored = await res.store.run(store.record_turn, store.Turn(
         participant_id=participant["id"], expected_version=participant["version"],
         turn=participant["turns"] + 1,
@@ -353,6 +354,31 @@ class RequestTimeout:
                 await response(scope, receive, send)
 
 
+class SecurityHeaders:
+    """Headers every response carries: no framing, no MIME sniffing, no referrer to the survey site."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 # --- the factory ----------------------------------------------------------------------------------
 
 def create_app(config_path: str | None = None, database: str | None = None, study: Study | None = None) -> Starlette:
@@ -395,6 +421,7 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         Mount("/static", StaticFiles(directory=static_dir()), name="static"),
     ]
     middleware = [
+        Middleware(SecurityHeaders),
         Middleware(TrustedHostMiddleware, allowed_hosts=study.settings["server.trusted_hosts"]),
         Middleware(monitor.ErrorRecorder),  # outside RequestTimeout, so its 503s count as errors
         Middleware(RequestTimeout, seconds=study.settings["server.request_timeout"]),

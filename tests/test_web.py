@@ -169,6 +169,19 @@ def test_health_and_page(client: Client) -> None:
     page = c.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert c.get("/static/../combot.toml").status_code == 404
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+
+
+def test_an_invalid_email_attempt_is_not_stored_as_text(client: Client, tmp_path: Path) -> None:
+    c = client()
+    session = start(c)
+    answer = send(c, session["session_id"], "My order never arrived and nobody answered the phone.")
+    while answer["expects"] == "message":
+        answer = send(c, session["session_id"], "It was a long time ago.")
+    assert send(c, session["session_id"], "jane.doe@gmail")["expects"] == "email"
+    texts = [r[0] for r in db(tmp_path).execute("SELECT text FROM messages WHERE kind = 'email'")]
+    assert texts == ["[not an e-mail address]"]
 
 
 def test_hosts_outside_the_trusted_list_are_refused(client: Client) -> None:
