@@ -31,6 +31,10 @@ log = logging.getLogger("combot.llm")
 MAX_REPLY_CHARS = 600
 # A chat-completions answer of this size is already wrong; stop reading there.
 MAX_BODY_BYTES = 256 * 1024
+# Connections per HTTP client. httpcore's pool does work proportional to connections squared on
+# every request start and finish (encode/httpcore#1035): at 100 calls in flight on one client
+# that bookkeeping cost 4-25 ms of CPU per call. A worker therefore keeps several small clients.
+CONNECTIONS_PER_CLIENT = 8
 
 _URL = re.compile(r"(?i)\b(?:https?|ftp|mailto):|\bwww\.|\]\(")
 _MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>|```|\*\*|__|^\s*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s)", re.MULTILINE)
@@ -116,7 +120,12 @@ class ChatModel(Protocol):
 
 
 class LLM:
-    """One per worker process: a shared HTTP client and a semaphore capping calls in flight."""
+    """One per worker process: shared HTTP clients and a semaphore capping calls in flight.
+
+    The clients (max_in_flight / CONNECTIONS_PER_CLIENT of them, made as load needs them) keep
+    their connections alive across calls; each call goes to the least busy one, so none ever
+    has more than CONNECTIONS_PER_CLIENT calls in flight.
+    """
 
     def __init__(self, config: LLMConfig, *, api_key: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
@@ -125,12 +134,18 @@ class LLM:
         if api_key:
             # httpx masks Authorization in its reprs; it is kept nowhere else.
             headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(config.timeout),
-            limits=httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight),
-            transport=transport,
-        )
+        per_client = min(config.max_in_flight, CONNECTIONS_PER_CLIENT)
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+        ssl_context = httpx.create_ssl_context()  # once: building one per client is slow
+
+        def new_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(config.timeout), limits=limits,
+                                     transport=transport, verify=ssl_context)
+
+        self._new_client = new_client
+        self._clients: list[httpx.AsyncClient] = []
+        self._busy: list[int] = []
+        self._max_clients = -(-config.max_in_flight // per_client)
         self._slots = asyncio.Semaphore(config.max_in_flight)
 
     async def __aenter__(self) -> LLM:
@@ -140,7 +155,19 @@ class LLM:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        clients, self._clients, self._busy = self._clients, [], []
+        for client in clients:
+            await client.aclose()
+
+    def _pick(self) -> int:
+        """The least busy client, adding one while all are full (callers hold a slot, so this stops)."""
+        if self._busy:
+            index = min(range(len(self._busy)), key=self._busy.__getitem__)
+            if self._busy[index] < CONNECTIONS_PER_CLIENT or len(self._clients) >= self._max_clients:
+                return index
+        self._clients.append(self._new_client())
+        self._busy.append(0)
+        return len(self._clients) - 1
 
     async def complete(self, system: str, text: str) -> LLMReply | Fallback:
         """Ask for a reply to `text` (sent as the user's message, never spliced into `system`)."""
@@ -180,14 +207,20 @@ class LLM:
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         }
-        async with self._client.stream("POST", self.config.endpoint, json=payload) as response:
-            if not 200 <= response.status_code < 300:
-                raise _HTTPStatus(response.status_code)
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body.extend(chunk)
-                if len(body) > MAX_BODY_BYTES:
-                    raise BadResponse(f"body over {MAX_BODY_BYTES // 1024} KiB")
+        index = self._pick()
+        self._busy[index] += 1
+        try:
+            async with self._clients[index].stream("POST", self.config.endpoint, json=payload) as response:
+                if not 200 <= response.status_code < 300:
+                    raise _HTTPStatus(response.status_code)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body.extend(chunk)
+                    if len(body) > MAX_BODY_BYTES:
+                        raise BadResponse(f"body over {MAX_BODY_BYTES // 1024} KiB")
+        finally:
+            if index < len(self._busy):  # aclose() may have emptied the lists meanwhile
+                self._busy[index] -= 1
         return parse_completion(bytes(body), self.config.model)
 
 

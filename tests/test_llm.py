@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from combot.cli import cli
 from combot.errors import ConfigError
 from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
-from combot.llm import LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe, parse_completion
+from combot.llm import CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe, parse_completion
 from combot.study import load_study
 from combot.web import create_app
 from tests.conftest import free_port
@@ -121,6 +121,20 @@ def test_calls_in_flight_never_pass_the_cap(reset_fake: FakeLLM) -> None:
     assert all(isinstance(o, LLMReply) for o in outcomes)
     stats = reset_fake.stats()
     assert stats["requests"] == 8 and stats["max_in_flight"] == 2
+
+
+def test_calls_spread_over_small_connection_pools(reset_fake: FakeLLM) -> None:
+    # httpcore's bookkeeping grows with the square of a pool's connections (encode/httpcore#1035).
+    reset_fake.configure(latency=0.2)
+
+    async def go() -> tuple[list[LLMReply | Fallback], int]:
+        async with LLM(LLMConfig(base_url=reset_fake.url, max_in_flight=20, timeout=60)) as llm:
+            outcomes = await asyncio.gather(*(llm.complete("Paraphrase.", f"My order {i} was late.") for i in range(20)))
+            return outcomes, len(llm._clients)
+
+    outcomes, clients = asyncio.run(go())
+    assert all(isinstance(o, LLMReply) for o in outcomes)
+    assert clients == -(-20 // CONNECTIONS_PER_CLIENT) and reset_fake.stats()["max_in_flight"] == 20
 
 
 def test_a_full_worker_falls_back_as_busy_instead_of_queueing(reset_fake: FakeLLM) -> None:
