@@ -82,13 +82,14 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 
     def start(workers: int = 2, config: Path | None = None, extra: list[str] | None = None,
               env: dict[str, str] | None = None, command: list[str] | None = None, database: Path | None = None,
-              cwd: Path | None = None) -> LiveServer:
+              cwd: Path | None = None, pass_database: bool = True) -> LiveServer:
         port = free_port()
-        database = database or tmp_path / "combot.db"
+        database = database or (cwd or tmp_path) / "combot.db"
         log = tmp_path / f"server-{port}.log"
         args = (command or [sys.executable, "-m", "combot"]) + [
-            "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-            "--database", str(database), "--access-log", ""]
+            "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--access-log", ""]
+        if pass_database:
+            args += ["--database", str(database)]
         if config is not None:
             args += ["--config", str(config)]
         args += extra or []
