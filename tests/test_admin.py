@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -255,3 +256,22 @@ def test_the_dashboard_in_headless_chromium(served: Callable[..., str], tmp_path
             assert download.value.suggested_filename == "combot-export.zip"
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_serve_prints_the_admin_address_and_a_new_token_once(live_server: Callable[..., Any], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COMBOT_ADMIN_TOKEN"}
+    first = live_server(workers=1, env=env)
+    token_file = Path(str(first.database) + ".admin-token")
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    time.sleep(0.5)
+    out = first.output()
+    assert f"{first.url}admin" in out and token in out
+    assert httpx.get(first.url + "admin/api/stats", headers=bearer(token)).status_code == 200
+    assert httpx.get(first.url + "admin/api/stats").status_code == 401
+    first.stop()
+    second = live_server(workers=1, env=env)
+    time.sleep(0.5)
+    assert token not in second.output() and str(token_file) in second.output()
+    assert httpx.get(second.url + "admin/api/stats", headers=bearer(token)).status_code == 200
