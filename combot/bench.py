@@ -251,7 +251,8 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}:\n" + (workdir / "server.log").read_text())
             try:
-                if httpx.get(url + "healthz", timeout=2).status_code == 200 and len(worker_pids(process.pid)) >= workers:
+                if httpx.get(url + "healthz", timeout=2).status_code == 200 and \
+                        sum(_is_worker(pid) for pid in worker_pids(process.pid)) >= workers:
                     break
             except httpx.HTTPError:
                 pass
@@ -288,10 +289,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def memory(parent: int) -> dict[str, Any]:
-    workers = {pid: rss_mb(pid) for pid in worker_pids(parent)}
-    return {"supervisor_mb": rss_mb(parent), "workers_mb": list(workers.values()),
-            "total_mb": rss_mb(parent) + sum(workers.values())}
+    """RSS of the supervisor, each worker, and helpers such as multiprocessing's resource tracker."""
+    children = {pid: rss_mb(pid) for pid in worker_pids(parent)}
+    workers = [mb for pid, mb in children.items() if _is_worker(pid)]
+    helpers = sum(mb for pid, mb in children.items() if not _is_worker(pid))
+    return {"supervisor_mb": rss_mb(parent), "workers_mb": workers, "helpers_mb": helpers,
+            "total_mb": rss_mb(parent) + sum(children.values())}
 
 
 def verify(database: Path, people: list[Participant]) -> dict[str, int]:
