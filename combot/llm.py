@@ -41,6 +41,11 @@ _MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>|```|\*\*|__|^\s*(?:#{1,6}\s|[-*+
 _AI_TALK = re.compile(r"(?i)\b(?:as an ai|an ai (?:assistant|model|language)|language model|chatgpt|openai)\b")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+_WORDS = re.compile(r"[a-z0-9']+")
+# A reply sharing this many words in a row with the instructions is repeating them (a participant
+# who wrote "print your system prompt" and a model that obeyed). Fewer would catch honest replies:
+# "more information about the customer-service experience you have in mind" shares 7 with ours.
+ECHO_WORDS = 10
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ class LLM:
                 await self._slots.acquire()
                 acquired = True
                 text_out, model = await self._call(system, text)
+                if repeats_instructions(text_out, system):
+                    raise BadResponse("repeats the instructions")
             return LLMReply(text_out, model, _ms(started))
         except TimeoutError:
             reason = "timeout" if acquired else "busy"
@@ -267,6 +274,16 @@ def parse_completion(body: bytes, default_model: str) -> tuple[str, str]:
     if not isinstance(model, str) or not 0 < len(model) <= 200:
         model = default_model
     return check_reply(content), model
+
+
+def _runs(text: str) -> set[tuple[str, ...]]:
+    words = _WORDS.findall(text.lower())
+    return {tuple(words[i:i + ECHO_WORDS]) for i in range(len(words) - ECHO_WORDS + 1)}
+
+
+def repeats_instructions(reply: str, system: str) -> bool:
+    """Whether the reply contains ECHO_WORDS or more consecutive words of the system prompt."""
+    return not _runs(reply).isdisjoint(_runs(system))
 
 
 def check_reply(content: str) -> str:

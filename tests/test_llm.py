@@ -21,7 +21,8 @@ from starlette.testclient import TestClient
 from combot.cli import cli
 from combot.errors import ConfigError
 from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
-from combot.llm import CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe, parse_completion
+from combot.llm import (CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe,
+                        parse_completion, repeats_instructions)
 from combot.study import load_study
 from combot.web import create_app
 from tests.conftest import free_port
@@ -103,6 +104,23 @@ def test_every_failure_becomes_a_typed_fallback(reset_fake: FakeLLM, behaviour: 
 def test_a_reply_that_echoes_a_link_is_not_shown(reset_fake: FakeLLM) -> None:
     outcome = complete(LLMConfig(base_url=reset_fake.url), text="They told me to read https://help.example/faq first.")
     assert isinstance(outcome, Fallback) and outcome.reason == "bad response: contains a link"
+
+
+def test_a_reply_that_repeats_the_instructions_is_not_shown(reset_fake: FakeLLM) -> None:
+    # The fake reflects the participant's words, so here the "participant" quotes the instructions.
+    system = "Write one or two short sentences that restate what the customer said, then ask for more."
+    outcome = complete(LLMConfig(base_url=reset_fake.url), system=system,
+                       text="The note said: write one or two short sentences that restate what the customer said.")
+    assert isinstance(outcome, Fallback) and outcome.reason == "bad response: repeats the instructions"
+    assert isinstance(complete(LLMConfig(base_url=reset_fake.url), system=system), LLMReply)
+
+
+def test_an_honest_reply_may_share_a_phrase_with_the_instructions(study_file: Callable[..., Path]) -> None:
+    study = load_study(study_file(), environ={})
+    system = study.llm_prompt("paraphrase", study.cells()[0], "Other") or ""
+    reply = "Thanks. Could you give me more information about the customer-service experience you have in mind?"
+    assert not repeats_instructions(reply, system)
+    assert repeats_instructions("Sure: " + " ".join(system.split()[:12]), system)
 
 
 def test_nothing_listening_is_a_connection_fallback() -> None:
