@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Callable, Iterator
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
@@ -25,7 +27,7 @@ from combot.llm import (CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMC
                         parse_completion, repeats_instructions)
 from combot.study import load_study
 from combot.web import create_app
-from tests.conftest import free_port
+from tests.conftest import LiveServer, free_port, walk_conversation
 
 SECRET = "sk-test-DO-NOT-LEAK-4f1c9a7e"
 KEY_VARIABLE = "COMBOT_TEST_LLM_KEY"
@@ -413,3 +415,23 @@ def test_llm_check_says_why_it_failed(study_file: Callable[..., Path], reset_fak
 def test_llm_check_without_an_llm_says_the_offline_paraphraser_answers(study_file: Callable[..., Path]) -> None:
     result = CliRunner().invoke(cli, ["llm-check", "--config", str(study_file())], env={"COMBOT_LLM_URL": None})
     assert result.exit_code == 0 and "No LLM is configured" in result.output and "offline paraphraser" in result.output
+
+
+# --- the real server ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_real_server_uses_the_llm_in_every_worker(live_server: Callable[..., LiveServer], reset_fake: FakeLLM,
+                                                      study_file: Callable[..., Path]) -> None:
+    """Settings and the key reach spawned workers through the environment, never through files."""
+    env = {**os.environ, "COMBOT_LLM_URL": reset_fake.url, "COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE,
+           KEY_VARIABLE: SECRET}
+    server = live_server(workers=2, config=study_file(replace=PARAPHRASE_EVERYWHERE), env=env)
+    with httpx.Client(timeout=30) as http:
+        for _ in range(4):
+            walk_conversation(http, server.url)
+    conn = sqlite3.connect(server.database)
+    made = conn.execute("SELECT produced_by, count(*) FROM messages WHERE kind = 'paraphrase' GROUP BY 1").fetchall()
+    conn.close()
+    assert made == [("llm", 16)]
+    assert reset_fake.stats()["authorization"] == [f"Bearer {SECRET}"]
+    assert SECRET not in server.output()
