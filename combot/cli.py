@@ -89,26 +89,11 @@ def serve(config_path: str | None, **flags: Any) -> None:
     except OSError as error:
         raise click.ClickException(f"cannot store the admin token beside the database: {error}") from None
 
-    # The researcher token exists before any worker starts, so a newly generated one is printed here, once.
-    from combot import admin
-
-    try:
-        token = admin.ensure_token(study.settings, options.database.resolve())
-    except OSError as error:
-        raise click.ClickException(f"cannot store the admin token beside the database: {error}") from None
-
     def ready() -> None:
         click.echo(f"Combot is serving '{study.title}' from {options.config_path or 'the bundled default study'}")
         click.echo(f"  participants open: {server.bound_url(options.host, options.port)}")
         click.echo(f"  database:          {options.database.resolve()}")
         click.echo(f"  workers:           {options.workers}   (Ctrl-C stops after in-flight replies finish)")
-        click.echo(f"  researcher page:   {server.bound_url(options.host, options.port)}admin")
-        if token.created:
-            click.echo(f"  admin token:       {token.value}   (shown once; kept in {token.source})")
-        elif token.source == "environment":
-            click.echo("  admin token:       from COMBOT_ADMIN_TOKEN / [server] admin_token")
-        else:
-            click.echo(f"  admin token:       in {token.source}")
         click.echo(f"  researcher page:   {server.bound_url(options.host, options.port)}admin")
         if token.created:
             click.echo(f"  admin token:       {token.value}   (shown once; kept in {token.source})")
