@@ -111,7 +111,14 @@ class transaction:
 
     def __exit__(self, kind: object, error: object, tb: object) -> None:
         if kind is None:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # After an I/O error, a full disk or SQLITE_BUSY at COMMIT, SQLite may leave the
+                # transaction open; it would hold this process's write lock for good.
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
         elif self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
