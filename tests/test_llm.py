@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
+from combot import engine
 from combot.cli import cli
 from combot.errors import ConfigError
 from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
@@ -258,6 +259,22 @@ def test_the_most_specific_prompt_applies(study_file: Callable[..., Path]) -> No
     assert "what happened" in (study.llm_prompt("paraphrase", cell, "Other") or "")
     assert study.llm_prompt("paraphrase", cell, "A") != study.llm_prompt("paraphrase", cell, "Other")
     assert study.llm_prompt("summarise", cell, "A") is None
+
+
+def test_the_engine_gives_at_most_one_llm_reply_per_turn(study_file: Callable[..., Path]) -> None:
+    """web._bot_messages bounds a participant's LLM replies by their turns, relying on this."""
+    for path in (study_file(), study_file(replace=PARAPHRASE_EVERYWHERE, name="everywhere.toml")):
+        study = load_study(path, environ={})
+        for cell in study.cells():
+            for problem in study.problem_types:
+                state, _ = engine.start(study, cell)
+                for turn in range(study.followup_turns + 3):
+                    text = MESSAGES[turn % len(MESSAGES)] if state.stage == "chat" else "a@example.org"
+                    step = engine.respond(study, cell, state, text, problem=problem if turn == 0 else None, seed=turn)
+                    assert sum(1 for r in step.replies if r.llm_task) <= 1
+                    state = step.state
+                    if state.stage == "done":
+                        break
 
 
 # --- through the app ----------------------------------------------------------------------------
