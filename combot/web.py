@@ -81,7 +81,10 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(bytes(body).decode("utf-8"))
-    except UnicodeDecodeError:
+        # JSON can escape a lone surrogate ("\ud800"), which no UTF-8 text holds: SQLite and the
+        # tokenizer would fail on it with a 500.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeError:
         raise BadRequest("the request body is not UTF-8") from None
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
