@@ -154,7 +154,7 @@ async def logout(request: Request) -> Response:
 async def stats(request: Request) -> Response:
     _require(request)
     res = request.app.state.resources
-    numbers = await res.store.run(monitor.dashboard, res.study)
+    numbers = await res.store.read(monitor.dashboard, res.study)
     return JSONResponse(numbers, headers=_HEADERS)
 
 

@@ -154,15 +154,20 @@ async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_t
 
 async def run_load(base: str, users: int, think_time: float, mode: str, duration: float, seed: int,
                    show_progress: bool = True) -> tuple[list[Participant], float]:
-    limits = httpx.Limits(max_connections=max(users, 10), max_keepalive_connections=max(users, 10))
+    # Several small connection pools: httpx's pool does work that grows with the square of its
+    # connections on every request (encode/httpcore#1035), so one big pool would measure itself.
+    per_pool = 8
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
     timeout = httpx.Timeout(120.0)
     rng = random.Random(seed)
     progress = Progress(users if duration <= 0 else 0, show=show_progress)
     people: list[Participant] = []
     started = time.monotonic()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    clients = [httpx.AsyncClient(limits=limits, timeout=timeout) for _ in range((users + per_pool - 1) // per_pool)]
+    try:
         async def one(index: int) -> None:
             local = random.Random(rng.getrandbits(64))
+            client = clients[index // per_pool]
             # Arrivals are spread over the first think-time so they do not all land in the same millisecond.
             if think_time > 0:
                 await asyncio.sleep(local.uniform(0, think_time))
@@ -174,6 +179,9 @@ async def run_load(base: str, users: int, think_time: float, mode: str, duration
                     return
 
         await asyncio.gather(*(one(i) for i in range(users)))
+    finally:
+        for client in clients:
+            await client.aclose()
     progress.close()
     return people, time.monotonic() - started
 

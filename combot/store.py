@@ -1,15 +1,18 @@
 """All SQL lives here, behind functions named for what they do to the study's data.
 
-One SQLite file in WAL mode, shared by every worker process. Each process keeps one connection
-on one thread (`Store`), so the event loop never waits on the disk. Writes are short
-`BEGIN IMMEDIATE` transactions; nothing is ever held only in memory.
+One SQLite file in WAL mode, shared by every worker process. Each process reads on one thread
+and writes on another (`Store`), so the event loop never waits on the disk. Writes are short
+`BEGIN IMMEDIATE` transactions, group-committed; nothing is ever held only in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import queue
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,10 +109,20 @@ class transaction:
         self.conn = conn
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        # Inside a transaction already (the Store's group commit): a savepoint, so a failure rolls
+        # back this piece of work alone.
+        self.nested = self.conn.in_transaction
+        self.conn.execute("SAVEPOINT nested" if self.nested else "BEGIN IMMEDIATE")
         return self.conn
 
     def __exit__(self, kind: object, error: object, tb: object) -> None:
+        if self.nested:
+            if not self.conn.in_transaction:
+                return  # SQLite already rolled back everything (disk full, I/O error); the error goes on
+            if kind is not None:
+                self.conn.execute("ROLLBACK TO nested")
+            self.conn.execute("RELEASE nested")
+            return
         if kind is None:
             try:
                 self.conn.execute("COMMIT")
@@ -331,35 +344,151 @@ def iter_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) ->
 _UNAVAILABLE = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
 
 
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        def set_result() -> None:
+            if self.future.done():  # the request was cancelled (timeout, client gone) meanwhile
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+
+        self.loop.call_soon_threadsafe(set_result)
+
+
 class Store:
-    """One connection on one thread per process; `await store.run(fn, ...)` calls `fn(conn, ...)` there."""
+    """A process's way to the database: reads on one thread, writes group-committed on another.
+
+    `await store.read(fn, ...)` calls `fn(conn, ...)` on a read connection (WAL readers never wait
+    for writers). `await store.run(fn, ...)` queues a write: the writer thread takes every write
+    waiting, runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE` transaction, and answers
+    them all only after the COMMIT: one fsync for many messages, each still on disk before its
+    reply is sent. A write that fails rolls back alone. Across processes the writers take turns
+    through an flock on `<database>.lock`, which wakes the next one the moment it is free (SQLite's
+    own busy handler polls with sleeps).
+    """
+
+    MAX_BATCH = 64
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-db")
-        self._conn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-db-read")
+        self._read_conn: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, connect, self.path)
+        self._read_conn = await loop.run_in_executor(self._reader, connect, self.path)
+        ready: asyncio.Future[None] = loop.create_future()
+        self._writer = threading.Thread(target=self._write_loop, args=(loop, ready), name="combot-db-write",
+                                        daemon=True)
+        self._writer.start()
+        await ready
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._conn is None:
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._read_conn is None:
             raise RuntimeError("the store is not open")
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, partial(fn, self._conn, *args, **kwargs))
-        except sqlite3.OperationalError as error:
-            if any(word in str(error).lower() for word in _UNAVAILABLE):
-                raise Unavailable("the server is busy storing messages; please try again in a moment") from error
-            raise
+        with _unavailable_on_busy():
+            return await loop.run_in_executor(self._reader, partial(fn, self._read_conn, *args, **kwargs))
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._writer is None:
+            raise RuntimeError("the store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, args, kwargs, future, loop))
+        with _unavailable_on_busy():
+            return await future
 
     async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, conn.close)
-        self._executor.shutdown(wait=True)
+        if self._writer is not None:
+            self._queue.put(None)
+            writer, self._writer = self._writer, None
+            await asyncio.get_running_loop().run_in_executor(None, writer.join)
+        if self._read_conn is not None:
+            conn, self._read_conn = self._read_conn, None
+            await asyncio.get_running_loop().run_in_executor(self._reader, conn.close)
+        self._reader.shutdown(wait=True)
+
+    def _write_loop(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = connect(self.path)
+            lock = open(f"{self.path}.lock", "a+b")
+        except BaseException as error:
+            loop.call_soon_threadsafe(ready.set_exception, error)
+            return
+        loop.call_soon_threadsafe(ready.set_result, None)
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                batch = [job]
+                stop = False
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._commit(conn, lock.fileno(), batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+            lock.close()
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, lock: int, batch: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with transaction(conn):
+                    for job in batch:
+                        conn.execute("SAVEPOINT job")
+                        try:
+                            value = job.fn(conn, *job.args, **job.kwargs)
+                        except BaseException as error:
+                            if not conn.in_transaction:
+                                raise  # SQLite rolled back the whole batch (disk full, I/O error)
+                            conn.execute("ROLLBACK TO job")
+                            conn.execute("RELEASE job")
+                            outcomes.append((job, None, error))
+                        else:
+                            conn.execute("RELEASE job")
+                            outcomes.append((job, value, None))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        except BaseException as error:
+            # BEGIN or COMMIT failed (locked for too long, disk full): nothing of the batch is stored.
+            outcomes = [(job, None, error) for job in batch]
+        for job, value, failure in outcomes:
+            job.settle(value, failure)
+
+
+class _unavailable_on_busy:
+    """Turn SQLite's 'locked', 'disk full' and I/O errors into a 503 the page retries."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        if isinstance(error, sqlite3.OperationalError) and any(word in str(error).lower() for word in _UNAVAILABLE):
+            raise Unavailable("the server is busy storing messages; please try again in a moment") from error
 
 
 def wait_for_schema(path: str | Path, attempts: int = 50) -> None:

@@ -150,7 +150,7 @@ async def create_session(request: Request) -> Response:
     platform_id = recruitment.platform_id(params, study.settings)
     consented = consent.given(data)
     if study.settings["consent.enabled"] and not consented:
-        returning = await res.store.run(store.participant_by_platform_id, platform_id) if platform_id else None
+        returning = await res.store.read(store.participant_by_platform_id, platform_id) if platform_id else None
         if returning is None:
             raise ConsentRequired("please read the study information and agree before the chat starts")
         return await _session_response(res, returning)
@@ -173,7 +173,7 @@ async def create_session(request: Request) -> Response:
 async def _session_response(res: Resources, participant: Any, status: int = 200) -> Response:
     study = res.study
     factors = json.loads(participant["factors"])
-    rows = await res.store.run(store.transcript, participant["id"])
+    rows = await res.store.read(store.transcript, participant["id"])
     values = _link_values(participant)
     messages = []
     for row in rows:
@@ -198,7 +198,7 @@ async def _session_response(res: Resources, participant: Any, status: int = 200)
 async def _participant(res: Resources, token: str) -> Any:
     if not 10 <= len(token) <= 100:
         raise NotFound("no such session")
-    row = await res.store.run(store.participant_by_token, token)
+    row = await res.store.read(store.participant_by_token, token)
     if row is None:
         raise NotFound("no such session")
     return row
@@ -222,7 +222,7 @@ async def post_message(request: Request) -> Response:
     values = _link_values(participant)
 
     if client_id is not None:
-        earlier = await res.store.run(store.replies_to, participant["id"], client_id)
+        earlier = await res.store.read(store.replies_to, participant["id"], client_id)
         if earlier is not None:
             return _turn_response(study, participant, earlier, values, repeat=True)
     if not res.limiter.allow(participant["id"]):
@@ -275,7 +275,7 @@ async def _bot_messages(res: Resources, participant: Any, factors: Mapping[str, 
     # cap. Under load every read waits in the worker's database queue (p95 0.3 s at 300 participants).
     allowed = llm.config.calls_allowed(participant["turns"])
     if allowed is not None and allowed < len(wanted):
-        allowed = llm.config.calls_allowed(await res.store.run(store.llm_reply_count, participant["id"]))
+        allowed = llm.config.calls_allowed(await res.store.read(store.llm_reply_count, participant["id"]))
 
     async def written(reply: engine.Reply, position: int) -> store.NewMessage:
         if allowed is not None and position >= allowed:
@@ -308,7 +308,7 @@ def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapp
 
 async def healthz(request: Request) -> Response:
     res = _resources(request)
-    ok = await res.store.run(store.ping)
+    ok = await res.store.read(store.ping)
     return JSONResponse({"status": "ok" if ok else "error", "pid": os.getpid(),
                          "classifier": res.classifier is not None})
 

@@ -106,3 +106,34 @@ def test_writes_are_visible_to_another_connection_at_once(tmp_path: Path) -> Non
     writer, reader = store.connect(tmp_path / "a.db"), store.connect(tmp_path / "a.db")
     new(writer)
     assert reader.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+
+
+def test_group_commit_answers_each_write_and_a_failure_rolls_back_alone(tmp_path: Path) -> None:
+    import asyncio
+
+    async def scenario() -> tuple[list[Any], int]:
+        handle = store.Store(tmp_path / "group.db")
+        await handle.open()
+        try:
+            await handle.run(store.create_participant, participant_id="p1", token="tok-p1", choose_cell=_choose,
+                             greet=_greet)
+
+            def insert(conn: sqlite3.Connection, n: int) -> int:
+                if n == 13:
+                    conn.execute("INSERT INTO emails (participant_id, email, created_at) VALUES ('p1', 'x', 'y')")
+                    raise Conflict("unlucky")
+                conn.execute("INSERT INTO events (kind, path, at) VALUES ('test', ?, 'now')", (str(n),))
+                return n
+
+            outcomes = await asyncio.gather(*(handle.run(insert, n) for n in range(50)), return_exceptions=True)
+            stored = await handle.read(lambda conn: conn.execute("SELECT count(*) FROM events WHERE kind='test'").fetchone()[0])
+            emails = await handle.read(lambda conn: conn.execute("SELECT count(*) FROM emails").fetchone()[0])
+            assert emails == 0  # the failed write's own insert was rolled back
+            return list(outcomes), stored
+        finally:
+            await handle.close()
+
+    outcomes, stored = asyncio.run(scenario())
+    assert [o for o in outcomes if not isinstance(o, Exception)] == [n for n in range(50) if n != 13]
+    assert isinstance(outcomes[13], Conflict)
+    assert stored == 49
