@@ -236,9 +236,10 @@ def app_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestCl
         test_client.__exit__(None, None, None)
 
 
-def on_worker_connection(c: TestClient, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-    """Run `fn` on the very connection (and thread) the app's store uses."""
-    return c.portal.call(c.app.state.resources.store.run, fn)  # type: ignore[attr-defined]
+def on_worker_connection(c: TestClient, fn: Callable[[sqlite3.Connection], Any], reader: bool = False) -> Any:
+    """Run `fn` on the very connection (and thread) the app's store writes with (or reads with)."""
+    handle = c.app.state.resources.store  # type: ignore[attr-defined]
+    return c.portal.call(handle.read if reader else handle.run, fn)
 
 
 def snapshot(database: Path) -> tuple[Any, ...]:
@@ -256,11 +257,13 @@ def test_a_worker_connection_survives_power_loss_settings(app_client: Callable[.
     # so an acknowledged message survives an OS crash or power cut (NORMAL would not: it syncs only
     # at checkpoints and may lose the last commits).
     c = app_client(tmp_path / "study.db")
-    journal, synchronous, busy = on_worker_connection(c, lambda conn: (
-        conn.execute("PRAGMA journal_mode").fetchone()[0], conn.execute("PRAGMA synchronous").fetchone()[0],
-        conn.execute("PRAGMA busy_timeout").fetchone()[0]))
-    assert (journal, synchronous) == ("wal", 2)
-    assert busy == store.BUSY_TIMEOUT_MS
+
+    def pragmas(conn: sqlite3.Connection) -> tuple[Any, ...]:
+        return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0] for name in ("journal_mode", "synchronous",
+                                                                                 "busy_timeout"))
+
+    assert on_worker_connection(c, pragmas) == ("wal", 2, store.BUSY_TIMEOUT_MS)  # 2: FULL
+    assert on_worker_connection(c, pragmas, reader=True) == ("wal", 2, store.BUSY_TIMEOUT_MS)
     assert faultload.integrity(tmp_path / "study.db") == "ok"
 
 

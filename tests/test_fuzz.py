@@ -9,6 +9,7 @@ to see how many requests were made.
 from __future__ import annotations
 
 import json
+import sqlite3
 import string
 from collections import Counter
 from pathlib import Path
@@ -46,15 +47,20 @@ def figures() -> Iterator[None]:
 def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TestClient]]:
     """Two apps: the default study, and one that asks for consent first."""
     clients: dict[str, TestClient] = {}
+    databases: list[Path] = []
     base = {"COMBOT_ADMIN_TOKEN": TOKEN, "COMBOT_RATE_LIMIT": "0", "COMBOT_REQUEST_TIMEOUT": "30"}
     for name, extra in (("plain", {}), ("consent", {"COMBOT_CONSENT": "true"})):
         study = load_study(DEFAULT_STUDY, environ={**base, **extra})
-        database = tmp_path_factory.mktemp("fuzz") / f"{name}.db"
-        clients[name] = TestClient(create_app(database=str(database), study=study), raise_server_exceptions=False)
+        databases.append(tmp_path_factory.mktemp("fuzz") / f"{name}.db")
+        clients[name] = TestClient(create_app(database=str(databases[-1]), study=study), raise_server_exceptions=False)
         clients[name].__enter__()
     yield clients
     for test_client in clients.values():
         test_client.__exit__(None, None, None)
+    for database in databases:
+        conn = sqlite3.connect(database)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
 
 
 def check(kind: str, method: str, path: str, status: int, body: bytes, content_type: str = "") -> None:
