@@ -310,8 +310,10 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path | None]:
         yield where if mounted else None
     finally:
         if mounted:
-            if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            unmounted = subprocess.run(["umount", str(where)], capture_output=True)
+            if unmounted.returncode != 0:
                 subprocess.run(["umount", "-l", str(where)], capture_output=True)
+                pytest.fail(f"the tmpfs was still busy at teardown: {unmounted.stderr.decode()}")
 
 
 def fill(directory: Path) -> Path:
@@ -329,7 +331,8 @@ def fill(directory: Path) -> Path:
 
 @pytest.mark.parametrize("how", ["tmpfs", "max_page_count"])
 def test_a_full_disk_gets_503_and_the_same_request_succeeds_once_space_is_freed(
-        app_client: Callable[..., TestClient], tiny_disk: Path | None, tmp_path: Path, how: str) -> None:
+        tiny_disk: Path | None, app_client: Callable[..., TestClient], tmp_path: Path, how: str) -> None:
+    # tiny_disk comes first: set up before the app, unmounted after it has closed its files.
     if how == "tmpfs" and tiny_disk is None:
         pytest.skip("mounting a tmpfs is not permitted here; the max_page_count variant stands in")
     database = (tiny_disk if how == "tmpfs" else tmp_path) / "study.db"  # type: ignore[operator]
@@ -338,7 +341,8 @@ def test_a_full_disk_gets_503_and_the_same_request_succeeds_once_space_is_freed(
     before = snapshot(database)
 
     if how == "tmpfs":
-        filler = fill(tiny_disk)  # type: ignore[arg-type]
+        assert tiny_disk is not None
+        filler = fill(tiny_disk)
 
         def clear() -> None:
             filler.unlink()
