@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -330,6 +330,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The page was closed or the network dropped mid-upload: not a server error (the dashboard's
+    # error rate counts 5xx), and nobody is left to read the answer.
+    return JSONResponse({"error": "the request ended before its body arrived; please send it again"}, status_code=400)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse({"error": "something went wrong on the server; please try again"}, status_code=500)
@@ -438,5 +444,6 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={CombotError: _combot_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={CombotError: _combot_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+                            Exception: _unexpected},
     )
