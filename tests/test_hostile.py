@@ -10,6 +10,7 @@ import http.client
 import io
 import math
 import os
+import socket
 import sqlite3
 import string
 import zipfile
@@ -299,3 +300,61 @@ def test_a_foreign_host_is_refused_and_raw_paths_stay_in_the_static_folder(
         assert status in (400, 404), (target, status)
         assert secret not in body and b"root:x:0:0" not in body, target
     assert _raw(server, "GET", "/static/chat.js", "study.example.org")[0] == 200
+
+
+def _status_line(server: LiveServer, data: bytes, half_close: bool = True) -> bytes:
+    """Send raw bytes; return the first line of the answer (b"" if the server just closed)."""
+    address = server.url.split("//", 1)[1].rstrip("/")
+    host, port = address.rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            while b"\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early and closed: whatever arrived is the answer
+    return answer.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.slow
+def test_malformed_http_over_a_real_socket_gets_4xx_and_the_server_carries_on(
+        live_server: Callable[..., LiveServer]) -> None:
+    server = live_server(workers=1)
+    session = httpx.post(server.url + "api/sessions", json={}).json()["session_id"]
+    post = f"POST /api/sessions/{session}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+    cases = {
+        "Content-Length over the limit": post + b"Content-Length: 99999999\r\n\r\n{}",
+        "body shorter than its Content-Length": post + b"Content-Length: 1000\r\n\r\n{\"text\": \"hi",
+        "chunked past the limit": post + b"Transfer-Encoding: chunked\r\n\r\n" + (b"4000\r\n" + b"a" * 0x4000 + b"\r\n") * 3
+        + b"0\r\n\r\n",
+        "Content-Length and chunked": post + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "Content-Length not a number": post + b"Content-Length: abc\r\n\r\n",
+        "negative Content-Length": post + b"Content-Length: -1\r\n\r\n",
+        "bytes that are no header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: \xff\xfe\x00\r\n\r\n",
+        "a 100 kB header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n",
+        "a TLS hello": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(100)),
+        "bytes in the path": b"GET /static/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+        "bad escapes in the path": b"GET /api/sessions/%ZZ%ff%fe%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "bad escapes in the query": b"POST /api/sessions?PROLIFIC_PID=%ff%fe%ZZ HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 2\r\n\r\n{}",
+        "bytes in the cookie": b"GET /admin/api/stats HTTP/1.1\r\nHost: x\r\nCookie: combot_admin=\xff\xfe; a=\"\r\n\r\n",
+        "bytes in the token": b"GET /admin/api/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3\r\n\r\n",
+        "bytes in the login form": b"POST /admin/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+                                   b"\r\nContent-Length: 12\r\n\r\ntoken=%ff%fe",
+    }
+    seen = {}
+    for name, data in cases.items():
+        line = _status_line(server, data)
+        seen[name] = line.decode("latin-1")
+        status = int(line.split()[1]) if line.startswith(b"HTTP/") else 0
+        assert status < 500, (name, line)
+    print("\n[malformed http] " + "; ".join(f"{name}: {line or 'closed'}" for name, line in seen.items()))
+    assert "Traceback" not in server.output()
+    assert httpx.get(server.url + "healthz").status_code == 200
+    assert integrity(server.database) == "ok"
