@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -341,7 +341,7 @@ def iter_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) ->
 
 # --- the per-process handle -------------------------------------------------------------------------
 
-_UNAVAILABLE = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
+_UNAVAILABLE = ("locked", "busy", "disk is full", "disk i/o error", "unable to open", "readonly")
 
 
 @dataclass
@@ -351,6 +351,7 @@ class _Job:
     kwargs: dict[str, Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    queued_at: float = field(default_factory=time.monotonic)
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
         def set_result() -> None:
@@ -453,9 +454,18 @@ class Store:
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, lock: int, batch: list[_Job]) -> None:
+        # A write that has waited longer than the busy timeout (the database was locked by something
+        # else for long) gets its 503 now rather than after waiting its turn again.
+        patience = BUSY_TIMEOUT_MS / 1000
+        stale = [job for job in batch if time.monotonic() - job.queued_at > patience]
+        for job in stale:
+            job.settle(error=sqlite3.OperationalError("database is locked: waited too long for the write lock"))
+        batch = [job for job in batch if job not in stale]
+        if not batch:
+            return
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _lock_within(lock, min(job.queued_at for job in batch) + patience)
             try:
                 with transaction(conn):
                     for job in batch:
@@ -478,6 +488,20 @@ class Store:
             outcomes = [(job, None, error) for job in batch]
         for job, value, failure in outcomes:
             job.settle(value, failure)
+
+
+def _lock_within(lock: int, deadline: float) -> None:
+    """Take the cross-process write lock, or raise 'database is locked' (a 503) at the deadline."""
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError("database is locked: waited too long for the write lock") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.004)
 
 
 class _unavailable_on_busy:
