@@ -14,6 +14,9 @@ from typing import Callable, Iterator
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
+
+from combot.study import Study
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STUDY = ROOT / "combot.toml"
@@ -38,6 +41,24 @@ def study_file(tmp_path: Path) -> Callable[..., Path]:
         path.write_text(text + append, encoding="utf-8")
         return path
     return make
+
+
+@pytest.fixture
+def started_app() -> Iterator[Callable[..., TestClient]]:
+    """started_app(study, database) -> a TestClient with the app's lifespan running; closed after the test."""
+    from combot.web import create_app
+
+    opened: list[TestClient] = []
+
+    def start(study: Study, database: Path) -> TestClient:
+        client = TestClient(create_app(database=str(database), study=study), raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield start
+    for client in opened:
+        client.__exit__(None, None, None)
 
 
 @dataclass

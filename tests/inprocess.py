@@ -4,7 +4,7 @@ recruitment, dashboard) that do not depend on the shipped model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from starlette.testclient import TestClient
@@ -25,22 +25,13 @@ class FakeClassifier:
         return [Classification("B", dict(SCORES), "B") for _ in texts]
 
 
-def client_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+def client_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
     """client(study_path=None, environ=None) -> a started TestClient on tmp_path/web.db."""
     monkeypatch.setattr(web, "load_classifier", lambda study: FakeClassifier())
-    opened: list[TestClient] = []
 
     def make(study_path: Path | None = None, environ: dict[str, str] | None = None) -> TestClient:
-        study = load_study(study_path or DEFAULT_STUDY, environ=environ or {})
-        test_client = TestClient(web.create_app(database=str(tmp_path / "web.db"), study=study),
-                                 raise_server_exceptions=False)
-        test_client.__enter__()
-        opened.append(test_client)
-        return test_client
-
-    yield make
-    for test_client in opened:
-        test_client.__exit__(None, None, None)
+        return started_app(load_study(study_path or DEFAULT_STUDY, environ=environ or {}), tmp_path / "web.db")
+    return make
 
 
 def finish(c: TestClient, session: str, email: str = "someone@example.com") -> dict:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from combot import admin, monitor, store, web
 from combot.study import load_study
@@ -28,8 +29,8 @@ ADMIN_PATHS = ["/admin", "/admin/api/stats", "/admin/export.zip", "/admin/export
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
-    yield from client_factory(tmp_path, monkeypatch)
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
+    return client_factory(tmp_path, monkeypatch, started_app)
 
 
 def bearer(token: str = TOKEN) -> dict[str, str]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import pytest
+from starlette.testclient import TestClient
 
 from combot import store
 from tests.inprocess import Client, client_factory
@@ -15,8 +16,8 @@ CONSENT = {"COMBOT_CONSENT": "true", "COMBOT_CONSENT_TEXT": "First paragraph.\n\
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
-    yield from client_factory(tmp_path, monkeypatch)
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
+    return client_factory(tmp_path, monkeypatch, started_app)
 
 
 def count(tmp_path: Path, where: str = "1") -> int:

@@ -219,21 +219,14 @@ def test_sigterm_under_load_then_a_restart_resumes_every_conversation(live_serve
 # --- power loss, a database locked for long, a full disk ------------------------------------------
 
 @pytest.fixture
-def app_client(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestClient]]:
+def app_client(monkeypatch: pytest.MonkeyPatch,
+               started_app: Callable[..., TestClient]) -> Callable[..., TestClient]:
     """app_client(database, **environ) -> a started in-process TestClient (stand-in classifier)."""
     monkeypatch.setattr(web, "load_classifier", lambda study: FakeClassifier())
-    opened: list[TestClient] = []
 
     def make(database: Path, **environ: str) -> TestClient:
-        study = load_study(DEFAULT_STUDY, environ=environ)
-        test_client = TestClient(web.create_app(database=str(database), study=study), raise_server_exceptions=False)
-        test_client.__enter__()
-        opened.append(test_client)
-        return test_client
-
-    yield make
-    for test_client in opened:
-        test_client.__exit__(None, None, None)
+        return started_app(load_study(DEFAULT_STUDY, environ=environ), database)
+    return make
 
 
 def on_worker_connection(c: TestClient, fn: Callable[[sqlite3.Connection], Any], reader: bool = False) -> Any:

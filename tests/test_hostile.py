@@ -16,11 +16,12 @@ import string
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from tests.conftest import CHROMIUM, LiveServer
 from tests.inprocess import Client, client_factory
@@ -36,8 +37,8 @@ INJECTED = "#log script, #log img[src='x'], #log svg, #log [onerror], #log [onlo
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
-    yield from client_factory(tmp_path, monkeypatch)
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
+    return client_factory(tmp_path, monkeypatch, started_app)
 
 
 def integrity(database: Path) -> str:

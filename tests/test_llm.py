@@ -27,7 +27,6 @@ from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
 from combot.llm import (CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe,
                         parse_completion, repeats_instructions)
 from combot.study import load_study
-from combot.web import create_app
 from tests.conftest import LiveServer, free_port, walk_conversation
 
 SECRET = "sk-test-DO-NOT-LEAK-4f1c9a7e"
@@ -283,26 +282,19 @@ Client = Callable[..., TestClient]
 
 
 @pytest.fixture
-def client(tmp_path: Path, study_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+def client(tmp_path: Path, study_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+           started_app: Callable[..., TestClient]) -> Client:
     """A factory: client(fake, **env) -> a TestClient whose every follow-up turn is a paraphrase."""
     monkeypatch.setenv(KEY_VARIABLE, SECRET)
-    opened: list[TestClient] = []
     path = study_file(replace=PARAPHRASE_EVERYWHERE)
 
     def make(fake: FakeLLM | None, **env: str) -> TestClient:
         environ = {"COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE, "COMBOT_LLM_MODEL": "test-model", **env}
         if fake is not None:
             environ["COMBOT_LLM_URL"] = fake.url
-        study = load_study(path, environ=environ)
-        test_client = TestClient(create_app(database=str(tmp_path / "llm.db"), study=study),
-                                 raise_server_exceptions=False)
-        test_client.__enter__()
-        opened.append(test_client)
-        return test_client
+        return started_app(load_study(path, environ=environ), tmp_path / "llm.db")
 
-    yield make
-    for test_client in opened:
-        test_client.__exit__(None, None, None)
+    return make
 
 
 def walk(c: TestClient) -> list[str]:

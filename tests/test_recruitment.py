@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from starlette.testclient import TestClient
 
 from combot import recruitment
 from combot.study import load_study
@@ -20,8 +21,8 @@ PROLIFIC = 'completion_url = "https://app.prolific.com/submissions/complete?cc=C
 
 
 @pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
-    yield from client_factory(tmp_path, monkeypatch)
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
+    return client_factory(tmp_path, monkeypatch, started_app)
 
 
 def with_survey(study_file: Callable[..., Path], url: str | None, completion: str = "") -> Path:

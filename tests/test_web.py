@@ -5,34 +5,23 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from starlette.testclient import TestClient
 
 from combot.study import load_study
-from combot.web import create_app
 from tests.conftest import DEFAULT_STUDY
 
 Client = Callable[..., TestClient]
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[Client]:
-    """A factory: client(study_path=None, **env) -> a TestClient on a fresh database."""
-    opened: list[TestClient] = []
-
+def client(tmp_path: Path, started_app: Callable[..., TestClient]) -> Client:
+    """A factory: client(study_path=None, environ=None) -> a TestClient on a fresh database."""
     def make(study_path: Path | None = None, environ: dict[str, str] | None = None) -> TestClient:
-        study = load_study(study_path or DEFAULT_STUDY, environ=environ or {})
-        app = create_app(database=str(tmp_path / "web.db"), study=study)
-        test_client = TestClient(app, raise_server_exceptions=False)
-        test_client.__enter__()
-        opened.append(test_client)
-        return test_client
-
-    yield make
-    for test_client in opened:
-        test_client.__exit__(None, None, None)
+        return started_app(load_study(study_path or DEFAULT_STUDY, environ=environ or {}), tmp_path / "web.db")
+    return make
 
 
 def db(tmp_path: Path) -> sqlite3.Connection:
