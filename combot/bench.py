@@ -287,14 +287,23 @@ def worker_pids(parent: int) -> list[int]:
         return []
 
 
-def rss_mb(pid: int) -> float:
+def _kb_field(path: str, name: str) -> float:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    return _kb_field(f"/proc/{pid}/status", "VmRSS")
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared library pages divided among the processes that map them."""
+    return _kb_field(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def _is_worker(pid: int) -> bool:
@@ -309,8 +318,11 @@ def memory(parent: int) -> dict[str, Any]:
     children = {pid: rss_mb(pid) for pid in worker_pids(parent)}
     workers = [mb for pid, mb in children.items() if _is_worker(pid)]
     helpers = sum(mb for pid, mb in children.items() if not _is_worker(pid))
+    # RSS counts the shared libraries (onnxruntime, numpy, Python: ~40 MB) once per worker; PSS
+    # shares them out, so its total is what the server really occupies.
     return {"supervisor_mb": rss_mb(parent), "workers_mb": workers, "helpers_mb": helpers,
-            "total_mb": rss_mb(parent) + sum(children.values())}
+            "total_mb": rss_mb(parent) + sum(children.values()),
+            "total_pss_mb": pss_mb(parent) + sum(pss_mb(pid) for pid in children)}
 
 
 def verify(database: Path, people: list[Participant]) -> dict[str, int]:
@@ -418,8 +430,9 @@ def format_report(report: dict[str, Any]) -> str:
         if "memory" in level:
             mem = level["memory"]
             workers = ", ".join(f"{m:.0f}" for m in mem["workers_mb"])
-            lines.append(f"  memory: {mem['total_mb']:.0f} MB in all (workers: {workers} MB; supervisor "
-                         f"{mem['supervisor_mb']:.0f} MB)")
+            lines.append(f"  memory: RSS {mem['total_mb']:.0f} MB in all (workers: {workers} MB; supervisor "
+                         f"{mem['supervisor_mb']:.0f} MB); PSS {mem['total_pss_mb']:.0f} MB (shared libraries "
+                         "counted once)")
         if "data" in level:
             data = level["data"]
             lines.append(f"  data: {data['messages_found']}/{data['messages_expected']} messages found in the database"

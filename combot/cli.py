@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -102,7 +103,11 @@ def serve(config_path: str | None, **flags: Any) -> None:
         else:
             click.echo(f"  admin token:       in {token.source}")
 
-    sys.exit(server.serve(study, options, on_ready=ready))
+    try:
+        code = server.serve(study, options, on_ready=ready)
+    except (RuntimeError, sqlite3.Error) as error:
+        raise click.ClickException(f"cannot use the database {options.database}: {error}") from None
+    sys.exit(code)
 
 
 @cli.command()

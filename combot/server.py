@@ -80,7 +80,7 @@ def _worker(config: Config, sockets: Any, shutdown_event: Any) -> None:
 
 def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     """Run the server until SIGTERM or SIGINT; returns the exit code."""
-    store.wait_for_schema(options.database)
+    store.check_database(options.database)
     # Workers are fresh interpreters (spawn): they learn the study and database from the environment.
     if options.config_path:
         os.environ["COMBOT_CONFIG"] = str(Path(options.config_path).resolve())

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 from combot.errors import Conflict, Unavailable
 
@@ -95,6 +96,8 @@ def migrate(conn: sqlite3.Connection) -> int:
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"the database has schema version {version}; this Combot knows up to {SCHEMA_VERSION}")
+        import sqlite_utils  # here, not at the top: the supervisor process never needs it (nor numpy, which it imports)
+
         db = sqlite_utils.Database(conn)
         for step in MIGRATIONS[version:]:
             step(db)
@@ -515,13 +518,19 @@ class _unavailable_on_busy:
             raise Unavailable("the server is busy storing messages; please try again in a moment") from error
 
 
-def wait_for_schema(path: str | Path, attempts: int = 50) -> None:
-    """Create or migrate the database once, before workers start (they migrate too; this is just earlier)."""
-    for attempt in range(attempts):
-        try:
-            connect(path).close()
-            return
-        except sqlite3.OperationalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1)
+def check_database(path: str | Path) -> None:
+    """Before any worker starts: the database opens, is in WAL mode, and is not from a newer Combot.
+
+    Workers create or migrate the schema themselves (safely, inside BEGIN IMMEDIATE); this check
+    keeps the supervisor free of sqlite-utils and numpy, which would add 25 MB to it for nothing.
+    """
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if has_meta:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row and int(row[0]) > SCHEMA_VERSION:
+                raise RuntimeError(f"the database has schema version {row[0]}; this Combot knows up to {SCHEMA_VERSION}")
+    finally:
+        conn.close()
