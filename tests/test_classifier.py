@@ -1,0 +1,177 @@
+"""The shipped classifier at run time: loading, labels, scores, threshold, the locked global, async."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from combot import classifier as clf_module
+from combot.classifier import (
+    Classification,
+    Classifier,
+    ModelError,
+    classify_async,
+    default_model_dir,
+    get_classifier,
+)
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
+
+CLEAR = {
+    "A": [
+        "My new kettle started leaking from the bottom after two days and now it won't even switch on.",
+        "the jeans ripped at the seam the first time i wore them, terrible quality",
+    ],
+    "B": [
+        "My parcel was marked as delivered yesterday but it never arrived and the courier won't answer.",
+        "the delivery is two weeks late and the tracking has been stuck at the depot since monday",
+    ],
+    "C": [
+        "The cashier rolled her eyes, called me stupid and laughed at me in front of the whole queue.",
+        "the manager shouted at me and told me to get out of his shop when I asked a question",
+    ],
+    "Other": [
+        "hello?",
+        "what is this study about and how long will it take?",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Classifier:
+    return Classifier.load(MODEL_DIR)
+
+
+def test_the_shipped_model_loads_with_its_four_labels(shipped: Classifier) -> None:
+    assert shipped.labels == ("A", "B", "C", "Other")
+    assert (MODEL_DIR / "README.md").is_file()
+
+
+@pytest.mark.parametrize("label", sorted(CLEAR))
+def test_clear_examples_get_their_label(shipped: Classifier, label: str) -> None:
+    for result in shipped.classify(CLEAR[label]):
+        assert result.label == label, result
+
+
+def test_every_label_is_scored_and_the_scores_sum_to_one(shipped: Classifier) -> None:
+    results = shipped.classify([text for texts in CLEAR.values() for text in texts] + [""])
+    for result in results:
+        assert isinstance(result, Classification)
+        assert list(result.scores) == list(shipped.labels)
+        assert sum(result.scores.values()) == pytest.approx(1.0, abs=1e-6)
+        assert all(0.0 <= v <= 1.0 for v in result.scores.values())
+        assert result.top == max(result.scores, key=result.scores.__getitem__)
+    assert shipped.classify([]) == []
+
+
+def test_a_weak_top_label_becomes_other_under_the_threshold(shipped: Classifier) -> None:
+    text = CLEAR["B"][0]
+    free = shipped.classify([text])[0]
+    assert free.label == free.top == "B"
+    strict = Classifier.load(MODEL_DIR, threshold=min(1.0, free.scores["B"] + 1e-3))
+    held = strict.classify([text])[0]
+    assert (held.label, held.top) == ("Other", "B")
+    assert held.scores == pytest.approx(free.scores)
+    # A fallback label the head does not have leaves the top label alone.
+    no_fallback = Classifier.load(MODEL_DIR, threshold=1.0, fallback_label="Nothing")
+    assert no_fallback.classify([text])[0].label == "B"
+
+
+def test_padding_is_per_batch_and_keeps_labels(shipped: Classifier) -> None:
+    short, long = "it broke", CLEAR["A"][0]
+    feeds = shipped.encoder.tokenize([short, long])
+    assert feeds["input_ids"].shape[1] == len(shipped.encoder.tokenize([long])["input_ids"][0]) < 128
+    assert feeds["attention_mask"].sum(axis=1).tolist()[0] == len(shipped.encoder.tokenize([short])["input_ids"][0])
+    together = shipped.embed([short, long])
+    alone = np.vstack([shipped.embed([short]), shipped.embed([long])])
+    assert together.shape == (2, 384) and together.dtype == np.float32
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-3)
+    # Dynamic int8 quantization shares one activation scale per batch: close, not identical.
+    assert np.all(np.sum(together * alone, axis=1) > 0.95)
+    assert [r.label for r in shipped.classify([short, long])] == [
+        shipped.classify([short])[0].label, shipped.classify([long])[0].label]
+    assert np.array_equal(shipped.embed([long]), shipped.embed([long]))
+
+
+def test_long_texts_are_truncated_at_max_length() -> None:
+    short_window = Classifier.load(MODEL_DIR, max_length=16)
+    feeds = short_window.encoder.tokenize(["word " * 500, "hi"])
+    assert feeds["input_ids"].shape == (2, 16)
+    assert short_window.classify(["word " * 500])[0].label in short_window.labels
+
+
+def test_a_head_trained_on_another_encoder_is_refused(tmp_path: Path) -> None:
+    raw = json.loads((MODEL_DIR / "head.json").read_text())
+    raw["encoder_sha256"] = "0" * 64
+    other = tmp_path / "head.json"
+    other.write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="different encoder"):
+        Classifier.load(MODEL_DIR, head=other)
+
+
+def test_missing_files_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model file not found"):
+        Classifier.load(tmp_path)
+    with pytest.raises(ModelError, match="head file not found"):
+        Classifier.load(MODEL_DIR, head=tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(ModelError, match="not a combot head"):
+        Classifier.load(MODEL_DIR, head=tmp_path / "bad.json")
+
+
+def test_default_model_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("COMBOT_MODEL_DIR", raising=False)
+    assert default_model_dir() == MODEL_DIR
+    monkeypatch.setenv("COMBOT_MODEL_DIR", str(tmp_path))
+    assert default_model_dir() == tmp_path
+
+
+def test_the_locked_global_loads_once_under_concurrent_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clf_module, "_instances", {})
+    calls = []
+    real_load = Classifier.load
+
+    def counting_load(*args: object, **kwargs: object) -> Classifier:
+        calls.append(threading.get_ident())
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Classifier, "load", counting_load)
+    start = threading.Barrier(8)
+
+    def worker() -> Classifier:
+        start.wait()
+        return get_classifier(MODEL_DIR, threshold=0.25)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        instances = list(pool.map(lambda _: worker(), range(8)))
+    assert len(calls) == 1
+    assert all(instance is instances[0] for instance in instances)
+    assert instances[0].threshold == 0.25
+    assert get_classifier(MODEL_DIR, threshold=0.25) is instances[0]
+    assert get_classifier(MODEL_DIR, threshold=0.5) is not instances[0]
+    assert len(calls) == 2
+
+
+def test_concurrent_classification_matches_sequential(shipped: Classifier) -> None:
+    texts = [text for texts in CLEAR.values() for text in texts] * 4
+    expected = [shipped.classify([t])[0].scores for t in texts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda t: shipped.classify([t])[0].scores, texts))
+    assert got == expected
+
+
+def test_classify_async_runs_in_an_executor(shipped: Classifier) -> None:
+    async def main() -> list[Classification]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = await classify_async(shipped, CLEAR["C"][0], pool)
+        second = await classify_async(shipped, CLEAR["A"][0])
+        return [first, second]
+
+    first, second = asyncio.run(main())
+    assert (first.label, second.label) == ("C", "A")
