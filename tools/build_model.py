@@ -497,7 +497,9 @@ with this notice. The training data, the head and the build script are part of C
 - Training: `data/classifier/train.csv`, {len(train.labels)} first messages ({counts(train)}).
 - Validation: `data/classifier/valid.csv`, {len(valid.labels)} held-out messages ({counts(valid)}),
   written separately; never used for training, fine-tuning or choosing any setting. It is scored
-  once, at the end of the build.
+  once, at the end of the build. (During development a smoke test of the build also scored the
+  frozen-encoder variant on it once: macro-F1 0.941, Other recall 0.867. The choice between frozen
+  and fine-tuned had been made from the cross-validation below, which it agrees with.)
 
 ## Scores
 
@@ -527,14 +529,17 @@ accuracy {cv.accuracy:.3f}, macro-F1 {cv.macro_f1:.3f}.
 
 These messages were written by the team following the guidelines; real participants write more
 varied text, so expect lower numbers in the field. The server's `[classifier] threshold` (default
-0.4) turns a weak top label into Other.
+0.4) turns a weak top label into Other; the fine-tuned model is confident (most top scores are above
+0.9), so the threshold rarely fires. Seen in spot checks: "the phone came with a dead pixel line,
+the box was perfect" (a factory fault, A) goes to B, because "came with"/"arrived" pulls towards
+delivery.
 
 ## Quantization check
 
 - torch fp32 vs ONNX fp32 embeddings: max abs difference {export_err:.1e}.
 - ONNX int8 vs fp32 embeddings over the {len(train.labels)} training texts (one text per run):
   cosine similarity mean **{cosine["mean"]:.4f}**, min **{cosine["min"]:.4f}** (1st percentile
-  {cosine["p01"]:.4f}). The lowest values are very short texts ("hi", "ok").
+  {cosine["p01"]:.4f}). In spot checks on the base model, very short texts ("hi") had the lowest values.
 - Dynamic quantization picks one activation scale per run for the whole padded batch, so a text's
   int8 embedding moves slightly (cosine ~0.97-1.0) with the other texts in its batch. The server
   classifies one message per run, and `combot train` and this build embed one text per run too, so
@@ -546,6 +551,14 @@ varied text, so expect lower numbers in the field. The server's `[classifier] th
 - a batch of 8 copies of it: median **{latency["batch8_ms"]:.2f} ms**
 - `python bench/classifier_bench.py` measures these plus the resident memory of a process with the
   model loaded.
+
+Issue 3 asks for under 3 ms and under 20 ms; neither is met on this shared 2-core VM (numbers move
+by +-25% with the host's load). The floor is the int8 matrix multiplications themselves: the 36
+weight matrices of MiniLM-L6 alone, as one onnxruntime graph without anything else, take 2.4-2.9 ms
+for 32 tokens on one thread here (MLAS u8s8 kernels, AVX-512 VNNI), and ~23 ms for the 8 x 41
+tokens of the benchmark's batch. Graph optimisation levels (basic/extended/all), an unfused graph,
+the memory arena, denormals-as-zero and 8-bit MatMulNBits were tried: none changed this by more
+than the noise, or they were slower.
 
 ## Rebuild
 
