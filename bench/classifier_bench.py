@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from combot.classifier import Classifier, default_model_dir  # noqa: E402
+from combot.classifier import Classifier, default_model_dir
 
 MESSAGE_30 = (
     "I ordered a pair of running shoes online three weeks ago and the parcel still has not "
@@ -30,20 +30,34 @@ MESSAGE_30 = (
 )
 BATCH_8 = [
     MESSAGE_30,
-    "The kettle I bought last month started leaking from the bottom and now it trips the fuse "
-    "every time I switch it on, so it is completely useless and probably dangerous too",
-    "When I asked the cashier to check the price again she rolled her eyes, called me cheap in "
-    "front of the whole queue and then refused to serve me until I apologised to her",
-    "hi, is this the study about customer service? I am not sure what I am supposed to write "
-    "here so please tell me what kind of story you want and how long it takes",
-    "My sofa was delivered five days late, the delivery men left it in the rain outside the "
-    "building and the fabric is now stained and smells of damp all over the cushions",
-    "The jacket's zip broke the second time I wore it and the stitching on both pockets came "
-    "loose after one wash even though I followed the care label exactly as written",
-    "I called the helpline about my broken phone and the agent laughed, said it was my own "
-    "fault, put me on hold for forty minutes and then hung up on me without a word",
-    "I was charged twice for the same order and the bank says the shop has to refund me but "
-    "the shop keeps telling me to contact the bank instead, which is going nowhere fast",
+    (
+        "The kettle I bought last month started leaking from the bottom and now it trips the fuse "
+        "every time I switch it on, so it is completely useless and probably dangerous too"
+    ),
+    (
+        "When I asked the cashier to check the price again she rolled her eyes, called me cheap in "
+        "front of the whole queue and then refused to serve me until I apologised to her"
+    ),
+    (
+        "hi, is this the study about customer service? I am not sure what I am supposed to write "
+        "here so please tell me what kind of story you want and how long it takes"
+    ),
+    (
+        "My sofa was delivered five days late, the delivery men left it in the rain outside the "
+        "building and the fabric is now stained and smells of damp all over the cushions"
+    ),
+    (
+        "The jacket's zip broke the second time I wore it and the stitching on both pockets came "
+        "loose after one wash even though I followed the care label exactly as written"
+    ),
+    (
+        "I called the helpline about my broken phone and the agent laughed, said it was my own "
+        "fault, put me on hold for forty minutes and then hung up on me without a word"
+    ),
+    (
+        "I was charged twice for the same order and the bank says the shop has to refund me but "
+        "the shop keeps telling me to contact the bank instead, which is going nowhere fast"
+    ),
 ]
 TARGETS = {"size_mb": 30.0, "one_ms": 3.0, "batch8_ms": 20.0, "rss_mb": 120.0}
 
@@ -97,7 +111,7 @@ def opt_level_table(model_dir: Path, clf: Classifier, runs: int) -> list[tuple[s
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, name)
         session = ort.InferenceSession(str(clf.encoder.path), options, providers=["CPUExecutionProvider"])
-        rows.append((name, median_ms(lambda: session.run(None, feeds), runs)))
+        rows.append((name, median_ms(lambda s=session: s.run(None, feeds), runs)))
     return rows
 
 

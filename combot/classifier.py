@@ -9,8 +9,8 @@ so its output `sentence_embedding` is a unit vector per text and the head is a p
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import concurrent.futures
+import ctypes
 import hashlib
 import json
 import os
@@ -95,7 +95,8 @@ class Head:
                 f"do not match {n} labels"
             )
         sha = raw.get("encoder_sha256")
-        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        meta_raw = raw.get("meta")
+        meta: dict[str, object] = dict(meta_raw) if isinstance(meta_raw, dict) else {}
         return cls(labels, weights, bias, str(sha) if sha else None, meta)
 
     def to_json(self) -> dict[str, object]:

@@ -106,7 +106,7 @@ def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 def _objective(
     X: np.ndarray, Y: np.ndarray, sample_weight: np.ndarray, l2: float
 ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
-    n, dim = X.shape
+    dim = X.shape[1]
     k = Y.shape[1]
 
     def value_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -249,7 +249,7 @@ class Scores:
         return "\n".join(lines)
 
 
-def score(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> Scores:
+def score(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, labels: Sequence[str]) -> Scores:
     k = len(labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     for t, p in zip(y_true, y_pred):

@@ -9,7 +9,6 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from combot.cli import cli
-
 from tests.test_training import TINY
 
 

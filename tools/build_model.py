@@ -16,8 +16,6 @@ once on valid.csv -> measure size and latency -> write model/README.md.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -35,10 +34,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from combot import training  # noqa: E402
-from combot.classifier import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, Classifier, Encoder, Head, file_sha256  # noqa: E402
+from combot import training
+from combot.classifier import (
+    ENCODER_FILE,
+    HEAD_FILE,
+    TOKENIZER_FILE,
+    Classifier,
+    Encoder,
+    Head,
+    file_sha256,
+)
 
 SEED = 20240601
 MAX_LENGTH = 128
@@ -216,8 +223,9 @@ def torch_embed(pooled, texts: list[str]) -> np.ndarray:
 
 def export_onnx(pooled, path: Path) -> None:
     """TorchScript export (its graph is what onnxruntime's BERT fusions recognise)."""
-    import torch
     import warnings
+
+    import torch
 
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.long)
     mask = (ids != 0).long()
@@ -450,7 +458,9 @@ def write_card(out: Path, *, train, valid, cv, l2, valid_scores, thresholded, co
     import torch
     import transformers
 
-    counts = lambda data: ", ".join(f"{k} {v}" for k, v in sorted(__import__("collections").Counter(data.labels).items()))  # noqa: E731
+    def counts(data: training.LabeledData) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(Counter(data.labels).items()))
+
     base_sha = file_sha256(base_model_dir() / "model.safetensors")
     total_mb = sum(sizes.values()) / 1e6
     other = valid_scores.per_class.get("Other", {}).get("recall", float("nan"))
