@@ -1,7 +1,7 @@
 """Build dist/combot.pyz: one file that runs Combot on any machine with a matching Python.
 
     python build_pyz.py                       # for this machine's platform and Python
-    python build_pyz.py --platform manylinux2014_aarch64 --python-version 3.12
+    python build_pyz.py --platform manylinux_2_28_aarch64 --python-version 3.12
 
 The archive holds the combot package, static/, model/, the default combot.toml and every run-time
 dependency, made with shiv (https://shiv.readthedocs.io): native libraries (onnxruntime, tokenizers,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,15 +35,31 @@ def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", *args], check=True)
 
 
+def expand_platforms(platform: str | None) -> list[str]:
+    """A glibc 2.N Linux also runs wheels built for older glibc; this pip does not infer that."""
+    tags: list[str] = []
+    for tag in (platform or "").split(","):
+        tag = tag.strip()
+        match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", tag)
+        if match:
+            newest, arch = int(match.group(1)), match.group(2)
+            tags += [f"manylinux_2_{minor}_{arch}" for minor in range(newest, 16, -1)] + [f"manylinux2014_{arch}"]
+        elif tag:
+            tags.append(tag)
+    return list(dict.fromkeys(tags))
+
+
 def target_args(platform: str | None, python_version: str | None) -> list[str]:
     args: list[str] = []
     if platform or python_version:
         args += ["--only-binary=:all:", "--implementation", "cp"]
-        for tag in (platform or "").split(","):
-            if tag:
-                args += ["--platform", tag]
-        if python_version:
-            args += ["--python-version", python_version]
+        for tag in expand_platforms(platform):
+            args += ["--platform", tag]
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        args += ["--python-version", version]
+        # pip guesses only the version's own ABI; tokenizers ships abi3 wheels, pure packages "none".
+        for abi in (f"cp{version.replace('.', '')}", "abi3", "none"):
+            args += ["--abi", abi]
     return args
 
 
@@ -87,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ROOT / "dist" / "combot.pyz"), help="where to write the archive")
     parser.add_argument("--platform", help="wheel platform tag(s) of the target machine, comma-separated, e.g. "
-                        "manylinux2014_x86_64 or manylinux2014_aarch64 (default: this machine)")
+                        "manylinux_2_28_x86_64 or manylinux_2_28_aarch64 (a glibc 2.28+ Linux; default: this machine)")
     parser.add_argument("--python-version", help="the target machine's Python, e.g. 3.12 (default: this Python)")
     args = parser.parse_args()
     output = build(Path(args.output), args.platform, args.python_version)
