@@ -27,7 +27,7 @@ RUNTIME = ["starlette>=0.40", "hypercorn>=0.17", "sqlite-utils>=3.36", "click>=8
 # serve its model tools, and tokenizers' (huggingface_hub and its tree) serve downloads, neither of
 # which Combot uses; inference needs only numpy, which is above.
 NO_DEPS = ["onnxruntime>=1.17", "tokenizers>=0.15"]
-BUNDLED = ["static", "model", "combot.toml"]
+BUNDLED = ["static", "model", "combot.toml", "LICENSE"]
 SHIV = "shiv==1.0.8"
 
 
