@@ -64,8 +64,21 @@ def hypercorn_config(options: ServeOptions) -> Config:
     return config
 
 
-def _worker(config: Config, sockets: Any, shutdown_event: Any) -> None:
+# Set in a worker process: the event its app sets once it can answer (see `notify_ready`).
+_ready_event: Any = None
+
+
+def notify_ready() -> None:
+    """Called by the app once its lifespan has loaded everything; tells the supervisor."""
+    if _ready_event is not None:
+        _ready_event.set()
+
+
+def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any = None) -> None:
+    global _ready_event
     from hypercorn.asyncio.run import asyncio_worker
+
+    _ready_event = ready_event
 
     # Hypercorn logs its own messages; Combot's get one handler of their own (not the root's, which
     # would print Hypercorn's twice).
@@ -97,6 +110,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
     shutdown_event = ctx.Event()
+    first_ready = ctx.Event()
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -115,15 +129,24 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
 
     def start_one() -> None:
         process = ctx.Process(target=_worker, kwargs={"config": config, "sockets": sockets,
-                                                      "shutdown_event": shutdown_event}, daemon=False)
+                                                      "shutdown_event": shutdown_event, "ready_event": first_ready},
+                              daemon=False)
         process.start()
         processes.append(process)
 
     try:
-        for _ in range(options.workers):
-            start_one()
-        signal.signal(signal.SIGINT, stop)
+        # One worker first, alone on the CPU, so the first participant is answered as soon as it can
+        # be; the rest start once it is ready (eight cold starts at once on two cores take seconds).
         signal.signal(signal.SIGTERM, stop)
+        start_one()
+        deadline = time.monotonic() + 60
+        while not (first_ready.wait(0.05) or stopping or processes[0].exitcode is not None
+                   or time.monotonic() > deadline):
+            pass
+        for _ in range(options.workers - 1):
+            start_one()
+        # Only now: workers started above inherit "ignore SIGINT" (an ignored signal survives exec).
+        signal.signal(signal.SIGINT, stop)
         if on_ready is not None:
             on_ready()
         while not stopping:

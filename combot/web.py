@@ -36,6 +36,7 @@ from combot.errors import (BadRequest, CombotError, Conflict, ConsentRequired, N
 from combot.llm import ChatModel, LLMReply, create_llm
 from combot.ratelimit import RateLimiter
 from combot.resources import static_dir
+from combot.server import notify_ready
 from combot.study import Study, load_study
 
 log = logging.getLogger("combot")
@@ -413,6 +414,7 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
                                         RateLimiter(study.settings["server.rate_limit"], 60.0),
                                         llm=create_llm(study.settings))
         app.state.admin_token = admin.ensure_token(study.settings, db_path)
+        notify_ready()
         heartbeat = monitor.Heartbeat(handle)
         heartbeat.start()
         try:
