@@ -27,22 +27,19 @@ import json
 import multiprocessing
 import os
 import random
-import socket
 import sqlite3
 import ssl
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
+from combot.bench import local_server, worker_pids
 from combot.fakellm import running_fake_llm
 from combot.resources import default_study_path
 
@@ -73,12 +70,6 @@ class Participant:
     finished: bool = False
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def paraphrase_study(workdir: Path) -> Path:
     """The default study with paraphrase follow-ups in every cell (think = high asks questions)."""
     text = default_study_path().read_text(encoding="utf-8")
@@ -100,50 +91,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-def worker_pids(parent: int) -> list[int]:
-    try:
-        return [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-@contextmanager
-def server(workers: int, config: Path, env: dict[str, str], workdir: Path) -> Iterator[tuple[str, Path, int]]:
-    port = free_port()
-    database = workdir / "bench.db"
-    log_path = workdir / "server.log"
-    args = [sys.executable, "-m", "combot", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers), "--database", str(database), "--config", str(config), "--access-log", ""]
-    # The rate limiter guards against floods; the simulated participants are not one.
-    environment = {**os.environ, "COMBOT_RATE_LIMIT": "0", **env}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(url + "healthz", timeout=2).status_code == 200 and len(worker_pids(process.pid)) >= workers:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start in 180 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        for _ in range(workers * 8):  # every worker past its lifespan before the clock starts
-            httpx.get(url + "healthz", timeout=30)
-        yield url, database, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think: float, arrive: float,
@@ -250,8 +197,8 @@ def one_run(args: argparse.Namespace, llm_url: str, llm_pid: int, run: int) -> d
     with tempfile.TemporaryDirectory(prefix="combot-llm-bench-") as tmp:
         workdir = Path(tmp)
         env = {"COMBOT_LLM_URL": llm_url, "COMBOT_LLM_MODEL": "fake-llm"}
-        with server(args.workers, paraphrase_study(workdir), env, workdir) as (base, database, pid):
-            workers = worker_pids(pid)
+        with local_server(args.workers, str(paraphrase_study(workdir)), env, workdir) as (base, database, process):
+            workers = worker_pids(process.pid)
             cpu_before = cpu_seconds(workers), cpu_seconds([llm_pid])
             people, wall, client_cpu = simulate(args, base, args.seed + run)
             cpu = {"workers_s": cpu_seconds(workers) - cpu_before[0], "bench_client_s": client_cpu,
