@@ -27,8 +27,10 @@ KIND_MEANINGS = {
     ("bot", "email_retry"): "the request to type the e-mail address again (the last one was not one)",
     ("bot", "thanks"): "the final thank-you (with the survey link on the page)",
     ("participant", "message"): "a chat message typed by the participant",
-    ("participant", "email"): "the participant's answer to the e-mail question; the text is replaced by"
-                              " \"[e-mail address]\", the address itself is only in personal.csv",
+    ("participant", "email"): "the participant's answer to the e-mail question, never its text: \"[e-mail"
+                              " address]\" (the address itself is only in personal.csv), \"[not an e-mail"
+                              " address]\" (asked again), or \"[no e-mail address given]\" (declined with one of"
+                              " the study's email_skip_words)",
 }
 PRODUCED_BY_MEANINGS = {
     "participant": "typed by the participant",

@@ -61,6 +61,7 @@ class Step:
     state: State
     replies: tuple[Reply, ...]
     email: str | None = None
+    email_declined: bool = False
     accepted: bool = True
     extra: Mapping[str, object] = field(default_factory=dict)
 
@@ -130,9 +131,12 @@ def _closing(study: Study, cell: Cell) -> tuple[Reply, ...]:
 
 def _email(study: Study, cell: Cell, state: State, text: str, link_values: Mapping[str, str]) -> Step:
     candidate = text.strip()
+    link = survey_link(study, link_values)
+    if candidate.lower().strip(" .!") in study.email_skip_words:
+        thanks = Reply("thanks", study.text("thanks", cell), link=link)
+        return Step(replace(state, stage="done"), (thanks,), email_declined=True)
     if len(candidate) > MAX_EMAIL_LENGTH or not EMAIL.match(candidate):
         return Step(state, (Reply("email_retry", study.text("email_retry", cell)),), accepted=False)
-    link = survey_link(study, link_values)
     thanks = Reply("thanks", study.text("thanks", cell), link=link)
     return Step(replace(state, stage="done"), (thanks,), email=candidate)
 

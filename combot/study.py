@@ -40,7 +40,7 @@ FOLLOWUP_MODES = ("questions", "paraphrase")
 # What an LLM may be asked to do (Reply.llm_task in the engine); each has its own [[llm_prompt]] blocks.
 LLM_TASKS = ("paraphrase",)
 STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int,
-              "fill": str, "active_minutes": int}
+              "fill": str, "active_minutes": int, "email_skip_words": list}
 SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str, "completion_label": str}
 ASSIGNMENT_METHODS = ("balanced", "random")
 # What counts towards a cell's size for balanced assignment (see store.cell_counts).
@@ -82,6 +82,8 @@ class Study:
     fill: str = "started"
     active_minutes: int = 30
     completion_label: str = "Finish and return to the study platform"
+    # Replies that decline to give an e-mail address (empty: an address is required).
+    email_skip_words: tuple[str, ...] = ()
 
     @property
     def catch_all(self) -> str:
@@ -300,6 +302,7 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         completion_label=survey.get("completion_label", "Finish and return to the study platform"),
         fill=study.get("fill", "started"),
         active_minutes=study.get("active_minutes", 30),
+        email_skip_words=tuple(word.strip().lower() for word in study.get("email_skip_words", []) if word.strip()),
         blocks=blocks,
         settings=settings,
         path=check.path,

@@ -244,7 +244,8 @@ async def post_message(request: Request) -> Response:
     # address (a typo of one): only the emails table ever holds it.
     shown = text
     if state.stage == "email":
-        shown = "[e-mail address]" if step.email else "[not an e-mail address]"
+        shown = ("[e-mail address]" if step.email else "[no e-mail address given]" if step.email_declined
+                 else "[not an e-mail address]")
     incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
                                 client_message_id=client_id)
     stored = await res.store.run(store.record_turn, store.Turn(

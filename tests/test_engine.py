@@ -130,3 +130,17 @@ def test_the_same_seed_gives_the_same_conversation() -> None:
     first = [r.text for s in walk(HIGH, "A", CHAT, seed=42) for r in s.replies]
     again = [r.text for s in walk(HIGH, "A", CHAT, seed=42) for r in s.replies]
     assert first == again
+
+
+def test_an_email_can_be_declined_when_the_study_allows_it(study_file) -> None:  # type: ignore[no-untyped-def]
+    study = load_study(study_file({"email_skip_words = []": 'email_skip_words = ["skip", "No thanks"]'}))
+    assert study.email_skip_words == ("skip", "no thanks")
+    state, _ = engine.start(study, HIGH)
+    for text in CHAT:
+        state = engine.respond(study, HIGH, state, text, problem="A" if engine.needs_classification(state) else None,
+                               link_values={"participant_id": "p1"}).state
+    declined = engine.respond(study, HIGH, state, "no thanks!", link_values={"participant_id": "p1"})
+    assert declined.state.stage == "done" and declined.email is None and declined.email_declined
+    assert declined.replies[0].kind == "thanks" and declined.replies[0].link is not None
+    # With the default study, "skip" is not an address and is asked again.
+    assert engine.respond(STUDY, HIGH, state, "skip").state.stage == "email"

@@ -194,3 +194,18 @@ def test_get_never_creates_a_session(client: Client, tmp_path: Path) -> None:
     c.get("/?PROLIFIC_PID=abc")
     assert c.get("/api/sessions").status_code == 405
     assert db(tmp_path).execute("SELECT count(*) FROM participants").fetchone()[0] == 0
+
+
+def test_a_declined_email_finishes_without_an_address(client: Client, tmp_path: Path,
+                                                      study_file: Callable[..., Path]) -> None:
+    c = client(study_file({"email_skip_words = []": 'email_skip_words = ["skip"]'}))
+    session = start(c)
+    answer = send(c, session["session_id"], "The shop assistant shouted at me in front of everyone.")
+    while answer["expects"] == "message":
+        answer = send(c, session["session_id"], "It was last week.")
+    final = send(c, session["session_id"], "Skip")
+    assert final["expects"] == "done" and final["replies"][-1]["link"]["url"].startswith("https://")
+    conn = db(tmp_path)
+    assert [r[0] for r in conn.execute("SELECT text FROM messages WHERE kind = 'email'")] == ["[no e-mail address given]"]
+    assert conn.execute("SELECT count(*) FROM emails").fetchone()[0] == 0
+    assert conn.execute("SELECT status FROM participants").fetchone()[0] == "finished"
