@@ -342,20 +342,14 @@ def verify(database: Path, people: list[Participant]) -> dict[str, int]:
                 (stored_bot if sender == "bot" else stored_sent).append(text)
             emails = conn.execute("SELECT email FROM emails WHERE participant_id = ?", (row[0],)).fetchall()
             stored_sent += [e[0] for e in emails]
-        for text in person.received:
-            expected += 1
-            if text in stored_bot:
-                stored_bot.remove(text)
-                found += 1
-            else:
-                missing.append(text)
-        for text in person.sent:
-            expected += 1
-            if text in stored_sent:
-                stored_sent.remove(text)
-                found += 1
-            else:
-                missing.append(text)
+        for seen, stored in ((person.received, stored_bot), (person.sent, stored_sent)):
+            for text in seen:
+                expected += 1
+                if text in stored:
+                    stored.remove(text)  # each stored message matches one seen message only
+                    found += 1
+                else:
+                    missing.append(text)
     integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
     conn.close()
     return {"messages_expected": expected, "messages_found": found, "messages_missing": len(missing),

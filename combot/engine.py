@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 from urllib.parse import quote
 
@@ -62,8 +62,6 @@ class Step:
     replies: tuple[Reply, ...]
     email: str | None = None
     email_declined: bool = False
-    accepted: bool = True
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def expects(self) -> Expects:
@@ -136,7 +134,7 @@ def _email(study: Study, cell: Cell, state: State, text: str, link_values: Mappi
         thanks = Reply("thanks", study.text("thanks", cell), link=link)
         return Step(replace(state, stage="done"), (thanks,), email_declined=True)
     if len(candidate) > MAX_EMAIL_LENGTH or not EMAIL.match(candidate):
-        return Step(state, (Reply("email_retry", study.text("email_retry", cell)),), accepted=False)
+        return Step(state, (Reply("email_retry", study.text("email_retry", cell)),))
     thanks = Reply("thanks", study.text("thanks", cell), link=link)
     return Step(replace(state, stage="done"), (thanks,), email=candidate)
 

@@ -128,10 +128,6 @@ def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dic
     return out
 
 
-def _link_values(participant: Any) -> dict[str, str]:
-    return recruitment.link_values(participant)
-
-
 def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
     shown = study.presentation(factors)
     out = {"name": shown["name"], "colour": shown["colour"]}
@@ -175,7 +171,7 @@ async def _session_response(res: Resources, participant: Any, status: int = 200)
     study = res.study
     factors = json.loads(participant["factors"])
     rows = await res.store.read(store.transcript, participant["id"])
-    values = _link_values(participant)
+    values = recruitment.link_values(participant)
     messages = []
     for row in rows:
         if row["sender"] == "bot":
@@ -220,7 +216,7 @@ async def post_message(request: Request) -> Response:
     text = _message_text(data, study.settings["server.max_message_chars"])
     client_id = _client_message_id(data)
     participant = await _participant(res, token)
-    values = _link_values(participant)
+    values = recruitment.link_values(participant)
 
     if client_id is not None:
         earlier = await res.store.read(store.replies_to, participant["id"], client_id)

@@ -24,7 +24,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.conftest import CHROMIUM, LiveServer
+from tests.faultload import integrity
 from tests.inprocess import Client, client_factory
+from tests.test_page import expects, send, transcript
 
 TOKEN = "hostile-test-researcher-token-0123456789"
 HOSTILE_TEXT = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script> my parcel never came'
@@ -39,14 +41,6 @@ INJECTED = "#log script, #log img[src='x'], #log svg, #log [onerror], #log [onlo
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
     return client_factory(tmp_path, monkeypatch, started_app)
-
-
-def integrity(database: Path) -> str:
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
 
 
 # --- script and HTML stay text --------------------------------------------------------------------
@@ -75,17 +69,17 @@ def test_script_in_messages_and_url_parameters_is_inert_on_the_page_the_dashboar
             page.goto(server.url + "?" + query)
             page.wait_for_selector(".msg--bot .bubble__text")
             for text in [HOSTILE_TEXT, FORMULA, "</p><p onclick=alert(1)>", "It was {{7*7}} days ${7*7} late."]:
-                _send(page, text)
-            while _expects(page) == "message":
-                _send(page, "<iframe src=javascript:window.__pwned=5>")
-            _send(page, "hostile@example.com")
-            assert _expects(page) == "done"
+                send(page, text)
+            while expects(page) == "message":
+                send(page, "<iframe src=javascript:window.__pwned=5>")
+            send(page, "hostile@example.com")
+            assert expects(page) == "done"
             page.wait_for_timeout(300)  # time for an injected handler to fire, if there were one
 
             for shown in (page, _reloaded(page)):
                 assert shown.evaluate("typeof window.__pwned") == "undefined"
                 assert shown.locator(INJECTED).count() == 0
-                said = [t for sender, t in _transcript(shown) if sender == "participant"]
+                said = [t for sender, t in transcript(shown) if sender == "participant"]
                 assert said[:2] == [HOSTILE_TEXT, FORMULA]
                 hrefs = shown.eval_on_selector_all("a.survey-link", "links => links.map(a => a.href)")
                 assert hrefs and all(h.startswith(("https://example.qualtrics.com/", "https://app.prolific.com/"))
@@ -122,28 +116,6 @@ def test_script_in_messages_and_url_parameters_is_inert_on_the_page_the_dashboar
     cells = [value for rows in tables.values() for row in rows for value in row.values() if value]
     assert not [value for value in cells if value.startswith("=")]
     assert integrity(server.database) == "ok"
-
-
-def _transcript(page: Any) -> list[tuple[str, str]]:
-    return [tuple(row) for row in page.eval_on_selector_all(
-        ".log .msg", "rows => rows.map(r => [r.classList.contains('msg--participant') ? 'participant' : 'bot',"
-                     " r.querySelector('.bubble__text').textContent])")]
-
-
-def _expects(page: Any) -> str:
-    if page.locator("#composer").is_hidden():
-        return "done"
-    return "email" if page.locator("#email").is_visible() else "message"
-
-
-def _send(page: Any, text: str) -> None:
-    before = page.locator(".msg--bot").count()
-    field = page.locator("#email" if _expects(page) == "email" else "#message")
-    field.fill(text)
-    field.press("Enter")
-    page.wait_for_function(
-        "n => document.querySelectorAll('.msg--bot').length > n && document.getElementById('typing').hidden",
-        arg=before)
 
 
 def _reloaded(page: Any) -> Any:
