@@ -17,7 +17,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from combot import admin, monitor, store, web
+from combot import admin, engine, monitor, store, web
 from combot.study import load_study
 from tests.conftest import CHROMIUM, DEFAULT_STUDY, free_port
 from tests.inprocess import Client, FakeClassifier, client_factory, finish
@@ -130,7 +130,7 @@ def test_server_errors_count_against_the_success_rate(client: Client, monkeypatc
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the engine broke")
 
-    monkeypatch.setattr(web.engine, "respond", broken)
+    monkeypatch.setattr(engine, "respond", broken)
     for _ in range(3):
         assert c.post(f"/api/sessions/{session}/messages", json={"text": "hello there"}).status_code == 500
     numbers = c.get("/admin/api/stats", headers=bearer()).json()

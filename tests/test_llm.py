@@ -24,8 +24,18 @@ from combot import engine
 from combot.cli import cli
 from combot.errors import ConfigError
 from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
-from combot.llm import (CONNECTIONS_PER_CLIENT, LLM, BadResponse, Fallback, LLMConfig, LLMReply, check_reply, describe,
-                        parse_completion, repeats_instructions)
+from combot.llm import (
+    CONNECTIONS_PER_CLIENT,
+    LLM,
+    BadResponse,
+    Fallback,
+    LLMConfig,
+    LLMReply,
+    check_reply,
+    describe,
+    parse_completion,
+    repeats_instructions,
+)
 from combot.study import load_study
 from tests.conftest import LiveServer, free_port, walk_conversation
 
@@ -261,7 +271,7 @@ def test_the_most_specific_prompt_applies(study_file: Callable[..., Path]) -> No
 
 
 def test_the_engine_gives_at_most_one_llm_reply_per_turn(study_file: Callable[..., Path]) -> None:
-    """web._bot_messages bounds a participant's LLM replies by their turns, relying on this."""
+    """replies.bot_messages bounds a participant's LLM replies by their turns, relying on this."""
     for path in (study_file(), study_file(replace=PARAPHRASE_EVERYWHERE, name="everywhere.toml")):
         study = load_study(path, environ={})
         for cell in study.cells():

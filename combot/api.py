@@ -1,0 +1,191 @@
+"""The participant API: create a session, send a message, read the transcript, health."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import time
+from typing import Any, Mapping
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from combot import consent, engine, recruitment, store
+from combot.assignment import choose_cell
+from combot.classifier import classify_async
+from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
+from combot.parsing import client_message_id, message_text, read_json
+from combot.replies import bot_messages
+from combot.resources import static_dir
+from combot.study import Study
+from combot.worker import Resources, resources
+
+
+def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dict[str, Any]:
+    """A stored bot message as the page sees it: its text, and the survey link on the last one."""
+    out: dict[str, Any] = {"text": row["text"]}
+    link = engine.survey_link(study, link_values) if row["kind"] == "thanks" else None
+    if link is not None:
+        out["link"] = {"url": link.url, "label": link.label}
+    return out
+
+
+def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
+    shown = study.presentation(factors)
+    out = {"name": shown["name"], "colour": shown["colour"]}
+    if shown.get("logo"):
+        out["logo"] = "/static/" + shown["logo"].lstrip("/")
+    return out
+
+
+async def create_session(request: Request) -> Response:
+    res = resources(request)
+    data = await read_json(request, res.study.settings["server.max_body_bytes"])
+    study = res.study
+    # Which URL parameters are kept, and which one identifies a returning person: [recruitment].
+    params = recruitment.captured_params(request.query_params, study.settings)
+    platform_id = recruitment.platform_id(params, study.settings)
+    consented = consent.given(data)
+    if study.settings["consent.enabled"] and not consented:
+        returning = await res.store.read(store.participant_by_platform_id, platform_id) if platform_id else None
+        if returning is None:
+            raise ConsentRequired("please read the study information and agree before the chat starts")
+        return await _session_response(res, returning)
+    participant_id = "p" + secrets.token_hex(6)
+    token = secrets.token_urlsafe(24)
+    rng = random.SystemRandom()
+
+    def greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[store.NewMessage]]:
+        state, replies = engine.start(study, factors)
+        return state.to_dict(), [store.NewMessage("bot", r.kind, r.text, r.produced_by) for r in replies]
+
+    row, created = await res.store.run(
+        store.create_participant, participant_id=participant_id, token=token,
+        choose_cell=lambda counts: choose_cell(study, counts, rng),
+        greet=greet, user_agent=request.headers.get("user-agent", ""), url_params=params,
+        platform_id=platform_id, fill=study.fill, active_minutes=study.active_minutes, consented=consented)
+    return await _session_response(res, row, status=201 if created else 200)
+
+
+async def _session_response(res: Resources, participant: Any, status: int = 200) -> Response:
+    study = res.study
+    factors = json.loads(participant["factors"])
+    rows = await res.store.read(store.transcript, participant["id"])
+    values = recruitment.link_values(participant)
+    messages = []
+    for row in rows:
+        if row["sender"] == "bot":
+            messages.append({"from": "bot", **_stored_reply(row, study, values)})
+        else:
+            messages.append({"from": "participant", "text": row["text"]})
+    state = engine.State.from_dict(json.loads(participant["state"]))
+    body = {
+        "session_id": participant["token"],
+        "messages": messages,
+        "expects": engine.expects(state),
+        "bot": _presentation(study, factors),
+        "max_message_chars": study.settings["server.max_message_chars"],
+    }
+    redirect = recruitment.completion_redirect(study, values) if body["expects"] == "done" else None
+    if redirect is not None:
+        body["redirect"] = redirect
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def _participant(res: Resources, token: str) -> Any:
+    if not 10 <= len(token) <= 100:
+        raise NotFound("no such session")
+    row = await res.store.read(store.participant_by_token, token)
+    if row is None:
+        raise NotFound("no such session")
+    return row
+
+
+async def get_session(request: Request) -> Response:
+    res = resources(request)
+    participant = await _participant(res, request.path_params["session_id"])
+    return await _session_response(res, participant)
+
+
+async def post_message(request: Request) -> Response:
+    started = time.perf_counter()
+    res = resources(request)
+    study = res.study
+    token = request.path_params["session_id"]
+    data = await read_json(request, study.settings["server.max_body_bytes"])
+    text = message_text(data, study.settings["server.max_message_chars"])
+    client_id = client_message_id(data)
+    participant = await _participant(res, token)
+    values = recruitment.link_values(participant)
+
+    if client_id is not None:
+        earlier = await res.store.read(store.replies_to, participant["id"], client_id)
+        if earlier is not None:
+            return _turn_response(study, participant, earlier, values, repeat=True)
+    if not res.limiter.allow(participant["id"]):
+        raise TooManyRequests("you are sending messages too quickly; please wait a moment")
+
+    state = engine.State.from_dict(json.loads(participant["state"]))
+    if state.stage == "done":
+        raise Conflict("this conversation has ended")
+    factors = json.loads(participant["factors"])
+    problem = scores = None
+    if engine.needs_classification(state):
+        verdict = await classify_async(res.classifier, text, res.inference)
+        problem, scores = verdict.label, verdict.scores
+    seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
+    step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
+    replies = await bot_messages(res, participant, factors, step, started)
+    # What a participant types at the e-mail step is personal data even when it is not a valid
+    # address (a typo of one): only the emails table ever holds it.
+    shown = text
+    if state.stage == "email":
+        shown = ("[e-mail address]" if step.email else "[no e-mail address given]" if step.email_declined
+                 else "[not an e-mail address]")
+    incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
+                                client_message_id=client_id)
+    stored = await res.store.run(store.record_turn, store.Turn(
+        participant_id=participant["id"], expected_version=participant["version"],
+        turn=participant["turns"] + 1,
+        incoming=incoming, replies=replies, state=step.state.to_dict(),
+        status="finished" if step.state.stage == "done" else "started",
+        problem_type=problem, scores=scores, email=step.email))
+    return _turn_response(study, participant, stored, values, expects=step.expects)
+
+
+def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapping[str, str],
+                   expects: str | None = None, repeat: bool = False) -> Response:
+    if expects is None:
+        # A repeated request: what comes next follows from the last reply it got.
+        kinds = [row["kind"] for row in rows]
+        expects = "done" if "thanks" in kinds else "email" if ("closing" in kinds or "email_retry" in kinds) else "message"
+    body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in rows], "expects": expects}
+    redirect = recruitment.completion_redirect(study, values) if expects == "done" else None
+    if redirect is not None:
+        body["redirect"] = redirect
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: Request) -> Response:
+    res = resources(request)
+    ok = await res.store.read(store.ping)
+    return JSONResponse({"status": "ok" if ok else "error", "pid": os.getpid(),
+                         "classifier": res.classifier is not None})
+
+
+async def index(request: Request) -> Response:
+    # A GET never creates a session: link-preview bots may open the study URL.
+    return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/api/sessions", create_session, methods=["POST"]),
+        Route("/api/sessions/{session_id}", get_session),
+        Route("/api/sessions/{session_id}/messages", post_message, methods=["POST"]),
+    ]

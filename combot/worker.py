@@ -1,0 +1,39 @@
+"""What one worker process holds for its whole life, created in the app's lifespan."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.requests import Request
+
+from combot import store
+from combot.classifier import Classifier, default_model_dir, get_classifier
+from combot.llm import ChatModel
+from combot.ratelimit import RateLimiter
+from combot.study import Study
+
+
+@dataclass
+class Resources:
+    """What one worker process holds for its whole life: created in the lifespan, seen by every request."""
+
+    study: Study
+    store: store.Store
+    classifier: Classifier
+    inference: ThreadPoolExecutor
+    limiter: RateLimiter
+    llm: ChatModel | None = None  # None: no LLM configured, the offline paraphraser answers
+
+
+def resources(request: Request) -> Resources:
+    return request.app.state.resources  # type: ignore[no-any-return]
+
+
+def load_classifier(study: Study) -> Classifier:
+    cfg = study.settings.section("classifier")
+    model_dir = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
+    head = Path(cfg["head"]) if cfg["head"] else None
+    return get_classifier(model_dir, head=head, threads=cfg["threads"], max_length=cfg["max_length"],
+                          threshold=cfg["threshold"])
