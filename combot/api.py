@@ -7,6 +7,7 @@ import os
 import random
 import secrets
 import time
+from dataclasses import replace
 from typing import Any, Mapping
 
 from starlette.requests import Request
@@ -17,7 +18,7 @@ from combot import consent, engine, recruitment, store
 from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
-from combot.parsing import client_message_id, message_text, read_json
+from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
 from combot.replies import bot_messages
 from combot.resources import static_dir
 from combot.study import Study
@@ -45,12 +46,18 @@ async def create_session(request: Request) -> Response:
     res = resources(request)
     data = await read_json(request, res.study.settings["server.max_body_bytes"])
     study = res.study
+    # The page's idempotency key: a retry (lost response, reload of the tab) gets the same participant.
+    key = client_key(data)
     # Which URL parameters are kept, and which one identifies a returning person: [recruitment].
     params = recruitment.captured_params(request.query_params, study.settings)
     platform_id = recruitment.platform_id(params, study.settings)
     consented = consent.given(data)
     if study.settings["consent.enabled"] and not consented:
-        returning = await res.store.read(store.participant_by_platform_id, platform_id) if platform_id else None
+        returning = await res.store.read(store.participant_by_client_key, key) if key else None
+        if returning is not None and returning["status"] == "declined":
+            returning = None
+        if returning is None and platform_id:
+            returning = await res.store.read(store.participant_by_platform_id, platform_id)
         if returning is None:
             raise ConsentRequired("please read the study information and agree before the chat starts")
         return await _session_response(res, returning)
@@ -60,19 +67,23 @@ async def create_session(request: Request) -> Response:
 
     def greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[store.NewMessage]]:
         state, replies = engine.start(study, factors)
-        return state.to_dict(), [store.NewMessage("bot", r.kind, r.text, r.produced_by) for r in replies]
+        messages = [store.NewMessage("bot", r.kind, r.text, r.produced_by) for r in replies]
+        # The engine's decision is stored with the turn it ends (here turn 0, the greeting).
+        messages[-1] = replace(messages[-1], stage=state.stage, expects=engine.expects(state))
+        return state.to_dict(), messages
 
     row, created = await res.store.run(
         store.create_participant, participant_id=participant_id, token=token,
         choose_cell=lambda counts: choose_cell(study, counts, rng),
         greet=greet, user_agent=request.headers.get("user-agent", ""), url_params=params,
-        platform_id=platform_id, fill=study.fill, active_minutes=study.active_minutes, consented=consented)
+        platform_id=platform_id, fill=study.fill, active_minutes=study.active_minutes, consented=consented,
+        client_key=key)
     return await _session_response(res, row, status=201 if created else 200)
 
 
-async def _session_response(res: Resources, participant: Any, status: int = 200) -> Response:
+async def _conversation(res: Resources, participant: Any) -> dict[str, Any]:
+    """The transcript so far, what the server expects next and the turn number it expects."""
     study = res.study
-    factors = json.loads(participant["factors"])
     rows = await res.store.read(store.transcript, participant["id"])
     values = recruitment.link_values(participant)
     messages = []
@@ -82,17 +93,32 @@ async def _session_response(res: Resources, participant: Any, status: int = 200)
         else:
             messages.append({"from": "participant", "text": row["text"]})
     state = engine.State.from_dict(json.loads(participant["state"]))
-    body = {
-        "session_id": participant["token"],
-        "messages": messages,
-        "expects": engine.expects(state),
-        "bot": _presentation(study, factors),
-        "max_message_chars": study.settings["server.max_message_chars"],
-    }
+    body: dict[str, Any] = {"messages": messages, "expects": engine.expects(state), "turn": participant["turns"] + 1}
     redirect = recruitment.completion_redirect(study, values) if body["expects"] == "done" else None
     if redirect is not None:
         body["redirect"] = redirect
+    return body
+
+
+async def _session_response(res: Resources, participant: Any, status: int = 200) -> Response:
+    study = res.study
+    factors = json.loads(participant["factors"])
+    body = {
+        "session_id": participant["token"],
+        **await _conversation(res, participant),
+        "bot": _presentation(study, factors),
+        "max_message_chars": study.settings["server.max_message_chars"],
+    }
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def _stale(res: Resources, participant: Any, error: str) -> Response:
+    """409: the message was written against a turn the conversation has left (another tab, or the end).
+
+    The answer carries the conversation as it is, so the page can show it and keep what was typed.
+    """
+    body = {"error": error, **await _conversation(res, participant)}
+    return JSONResponse(body, status_code=409, headers={"Cache-Control": "no-store"})
 
 
 async def _participant(res: Resources, token: str) -> Any:
@@ -118,19 +144,23 @@ async def post_message(request: Request) -> Response:
     data = await read_json(request, study.settings["server.max_body_bytes"])
     text = message_text(data, study.settings["server.max_message_chars"])
     client_id = client_message_id(data)
+    claimed = claimed_turn(data)
     participant = await _participant(res, token)
     values = recruitment.link_values(participant)
 
+    # A repeat is answered from what was stored the first time, whatever the turn now is.
     if client_id is not None:
         earlier = await res.store.read(store.replies_to, participant["id"], client_id)
         if earlier is not None:
-            return _turn_response(study, participant, earlier, values, repeat=True)
+            return _turn_response(study, earlier, values)
     if not res.limiter.allow(participant["id"]):
         raise TooManyRequests("you are sending messages too quickly; please wait a moment")
 
     state = engine.State.from_dict(json.loads(participant["state"]))
     if state.stage == "done":
-        raise Conflict("this conversation has ended")
+        return await _stale(res, participant, "this conversation has ended")
+    if claimed is not None and claimed != participant["turns"] + 1:
+        return await _stale(res, participant, "this conversation has moved on in another window; here it is as it is now")
     factors = json.loads(participant["factors"])
     problem = scores = None
     if engine.needs_classification(state):
@@ -146,23 +176,28 @@ async def post_message(request: Request) -> Response:
         shown = ("[e-mail address]" if step.email else "[no e-mail address given]" if step.email_declined
                  else "[not an e-mail address]")
     incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
-                                client_message_id=client_id)
-    stored = await res.store.run(store.record_turn, store.Turn(
-        participant_id=participant["id"], expected_version=participant["version"],
-        turn=participant["turns"] + 1,
-        incoming=incoming, replies=replies, state=step.state.to_dict(),
-        status="finished" if step.state.stage == "done" else "started",
-        problem_type=problem, scores=scores, email=step.email))
-    return _turn_response(study, participant, stored, values, expects=step.expects)
+                                client_message_id=client_id, stage=step.state.stage, expects=step.expects,
+                                scores=scores)
+    try:
+        stored = await res.store.run(store.record_turn, store.Turn(
+            participant_id=participant["id"], expected_version=participant["version"],
+            turn=participant["turns"] + 1,
+            incoming=incoming, replies=replies, state=step.state.to_dict(),
+            status="finished" if step.state.stage == "done" else "started",
+            problem_type=problem, scores=scores, email=step.email))
+    except Conflict:
+        # Another request (another tab) stored a turn first: this message answered a question
+        # this conversation has left behind, so it is not stored.
+        now = await res.store.read(store.participant_by_token, token)
+        return await _stale(res, now, "this conversation has moved on in another window; here it is as it is now")
+    return _turn_response(study, stored, values)
 
 
-def _turn_response(study: Study, participant: Any, rows: list[Any], values: Mapping[str, str],
-                   expects: str | None = None, repeat: bool = False) -> Response:
-    if expects is None:
-        # A repeated request: what comes next follows from the last reply it got.
-        kinds = [row["kind"] for row in rows]
-        expects = "done" if "thanks" in kinds else "email" if ("closing" in kinds or "email_retry" in kinds) else "message"
-    body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in rows], "expects": expects}
+def _turn_response(study: Study, stored: store.StoredTurn, values: Mapping[str, str]) -> Response:
+    # What comes next is what the engine decided for this turn, stored with it.
+    expects = stored.message["expects"]
+    body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in stored.replies],
+                            "expects": expects, "turn": stored.next_turn}
     redirect = recruitment.completion_redirect(study, values) if expects == "done" else None
     if redirect is not None:
         body["redirect"] = redirect

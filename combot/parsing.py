@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
 
 from starlette.requests import Request
@@ -55,4 +56,27 @@ def client_message_id(data: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= 100:
         raise BadRequest("'client_message_id' must be a string of 1 to 100 characters")
+    return value
+
+
+_CLIENT_KEY = re.compile(r"^[A-Za-z0-9_-]{16,100}$")
+
+
+def client_key(data: Mapping[str, Any]) -> str | None:
+    """The page's idempotency key for creating a session or a decline (16-100 URL-safe characters)."""
+    value = data.get("client_key")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CLIENT_KEY.match(value):
+        raise BadRequest("'client_key' must be a string of 16 to 100 characters from A-Z, a-z, 0-9, '-' and '_'")
+    return value
+
+
+def claimed_turn(data: Mapping[str, Any]) -> int | None:
+    """The turn number the client believes the server expects (`"turn"`), or None when it sent none."""
+    value = data.get("turn")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1_000_000:
+        raise BadRequest("'turn' must be a whole number")
     return value

@@ -71,7 +71,32 @@ def _v2(db: sqlite_utils.Database) -> None:
                          pk=("pid", "started_at"), not_null={"seen_at"})
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2)
+def _v3(db: sqlite_utils.Database) -> None:
+    """One person, one participant; one answer, one question (issue 11).
+
+    `client_key`: the page's idempotency key for creating a session or a decline (unique, so no
+    two rows can ever hold one). `stage` and `expects` on a participant message (and the greeting):
+    what the engine decided after that turn, so a repeated request is answered from the stored
+    decision. `scores` on a message: the classifier's verdict on every opening attempt.
+    `described_experience`: whether the participant's opening described an experience at all.
+    """
+    db["participants"].add_column("client_key", str)
+    db["participants"].add_column("described_experience", int)
+    db["participants"].create_index(["client_key"], unique=True)
+    db["messages"].add_column("stage", str)
+    db["messages"].add_column("expects", str)
+    db["messages"].add_column("scores", str)
+    # Turns stored by an older Combot: what came next is read once from the replies they got.
+    db.execute(
+        "UPDATE messages SET expects = CASE"
+        " WHEN EXISTS (SELECT 1 FROM messages r WHERE r.reply_to = messages.id AND r.kind = 'thanks') THEN 'done'"
+        " WHEN EXISTS (SELECT 1 FROM messages r WHERE r.reply_to = messages.id AND r.kind IN ('closing', 'email_retry'))"
+        " THEN 'email' ELSE 'message' END WHERE sender = 'participant'")
+    db.execute("UPDATE messages SET stage = CASE expects WHEN 'message' THEN 'chat' ELSE expects END"
+               " WHERE sender = 'participant'")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -151,6 +176,11 @@ class NewMessage:
     latency_ms: int | None = None
     fallback_reason: str | None = None
     client_message_id: str | None = None
+    # On the message that ends a turn's input (the participant's, or the greeting): the engine's
+    # stage after the turn and what it expects next, stored so nothing re-derives them.
+    stage: str | None = None
+    expects: str | None = None
+    scores: Mapping[str, float] | None = None
 
 
 def create_participant(
@@ -166,14 +196,24 @@ def create_participant(
     fill: str = "started",
     active_minutes: float = 30,
     consented: bool = False,
+    client_key: str | None = None,
 ) -> tuple[sqlite3.Row, bool]:
     """Assign a cell and store a new participant with the greeting, atomically across processes.
 
     `choose_cell` sees the number of participants per cell (counted inside the write lock, so
     concurrent arrivals never over-fill a cell; `fill` says who counts, see `cell_counts`). A
-    returning platform id gets its old row back (second value False) instead of a new draw.
+    known `client_key` (a retry of this request) or a returning platform id gets its old row back
+    (second value False) instead of a new draw; both are looked up inside the write lock, so
+    concurrent retries in several worker processes still make one participant. A key that
+    declined earlier (then reloaded the consent page and agreed) becomes that same row's session.
     """
     with transaction(conn):
+        declined = None
+        if client_key:
+            existing = participant_by_client_key(conn, client_key)
+            if existing is not None and existing["status"] != "declined":
+                return existing, False
+            declined = existing
         if platform_id:
             existing = participant_by_platform_id(conn, platform_id)
             if existing is not None:
@@ -182,12 +222,16 @@ def create_participant(
         label, number, factors, method = choose_cell(counts)
         state, greeting = greet(factors)
         stamp = now()
+        if declined is not None:
+            participant_id = declined["id"]
+            conn.execute("DELETE FROM participants WHERE id = ?", (participant_id,))
         conn.execute(
             "INSERT INTO participants (id, token, cell, cell_number, factors, assignment, state, version, status,"
-            " turns, created_at, updated_at, user_agent, url_params, platform_id, consented_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?, ?)",
+            " turns, created_at, updated_at, user_agent, url_params, platform_id, consented_at, client_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?, ?, ?)",
             (participant_id, token, label, number, json.dumps(dict(factors)), method, json.dumps(state), stamp, stamp,
-             user_agent[:500], json.dumps(dict(url_params or {})), platform_id, stamp if consented else None),
+             user_agent[:500], json.dumps(dict(url_params or {})), platform_id, stamp if consented else None,
+             client_key),
         )
         _insert_messages(conn, participant_id, 0, greeting, None, stamp)
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
@@ -223,15 +267,33 @@ def participant_by_platform_id(conn: sqlite3.Connection, platform_id: str) -> sq
 
 
 def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str, user_agent: str = "",
-                   url_params: Mapping[str, str] | None = None, platform_id: str | None = None) -> None:
-    """A person who saw the consent page and declined: a row without a cell, so it fills none."""
+                   url_params: Mapping[str, str] | None = None, platform_id: str | None = None,
+                   client_key: str | None = None) -> tuple[sqlite3.Row, bool]:
+    """A person who saw the consent page and declined: a row without a cell, so it fills none.
+
+    A known `client_key` returns its row (second value False) and stores nothing; a key whose
+    session has started is a Conflict.
+    """
     stamp = now()
     with transaction(conn):
+        if client_key:
+            existing = participant_by_client_key(conn, client_key)
+            if existing is not None:
+                if existing["status"] != "declined":
+                    raise Conflict("this session has already started")
+                return existing, False
         conn.execute(
             "INSERT INTO participants (id, token, cell, factors, state, version, status, turns, created_at,"
-            " updated_at, user_agent, url_params, platform_id) VALUES (?, ?, '', '{}', '{}', 0, 'declined', 0,"
-            " ?, ?, ?, ?, ?)",
-            (participant_id, token, stamp, stamp, user_agent[:500], json.dumps(dict(url_params or {})), platform_id))
+            " updated_at, user_agent, url_params, platform_id, client_key) VALUES (?, ?, '', '{}', '{}', 0,"
+            " 'declined', 0, ?, ?, ?, ?, ?, ?)",
+            (participant_id, token, stamp, stamp, user_agent[:500], json.dumps(dict(url_params or {})), platform_id,
+             client_key))
+        row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
+    return row, True
+
+
+def participant_by_client_key(conn: sqlite3.Connection, client_key: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM participants WHERE client_key = ?", (client_key,)).fetchone()
 
 
 def record_event(conn: sqlite3.Connection, kind: str, *, path: str = "", status: int | None = None,
@@ -259,13 +321,28 @@ def transcript(conn: sqlite3.Connection, participant_id: str) -> list[sqlite3.Ro
     return conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY id", (participant_id,)).fetchall()
 
 
-def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id: str) -> list[sqlite3.Row] | None:
-    """The bot's replies to an earlier message with this client id, or None if it never arrived."""
-    sent = conn.execute("SELECT id FROM messages WHERE participant_id = ? AND client_message_id = ?",
+@dataclass(frozen=True)
+class StoredTurn:
+    """A stored turn: the participant's message (with the engine's stage and `expects` after it)
+    and the bot's replies to it."""
+
+    message: sqlite3.Row
+    replies: list[sqlite3.Row]
+
+    @property
+    def next_turn(self) -> int:
+        """The turn number the server expected after this one."""
+        return int(self.message["turn"]) + 1
+
+
+def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id: str) -> StoredTurn | None:
+    """The turn of an earlier message with this client id, or None if it never arrived."""
+    sent = conn.execute("SELECT * FROM messages WHERE participant_id = ? AND client_message_id = ?",
                         (participant_id, client_message_id)).fetchone()
     if sent is None:
         return None
-    return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (sent["id"],)).fetchall()
+    return StoredTurn(sent, conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id",
+                                         (sent["id"],)).fetchall())
 
 
 def llm_reply_count(conn: sqlite3.Connection, participant_id: str) -> int:
@@ -286,12 +363,14 @@ class Turn:
     problem_type: str | None = None
     scores: Mapping[str, float] | None = None
     email: str | None = None
+    # Set on the turn that settles the opening: whether it described an experience (issue 11).
+    described_experience: bool | None = None
 
 
-def record_turn(conn: sqlite3.Connection, turn: Turn) -> list[sqlite3.Row]:
+def record_turn(conn: sqlite3.Connection, turn: Turn) -> StoredTurn:
     """Store a participant message, the bot's replies and the new state in one transaction.
 
-    Returns the stored replies. A repeat of an already stored client message id returns the replies
+    Returns the stored turn. A repeat of an already stored client message id returns the replies
     stored the first time and writes nothing; a turn computed from a stale state raises Conflict.
     """
     with transaction(conn):
@@ -310,6 +389,8 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> list[sqlite3.Row]:
         if turn.problem_type is not None:
             sets["problem_type"] = turn.problem_type
             sets["scores"] = json.dumps(dict(turn.scores or {}))
+        if turn.described_experience is not None:
+            sets["described_experience"] = int(turn.described_experience)
         if turn.status == "finished":
             sets["finished_at"] = stamp
         assignments = ", ".join(f"{name} = ?" for name in sets)
@@ -317,7 +398,8 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> list[sqlite3.Row]:
         if turn.email:
             conn.execute("INSERT OR REPLACE INTO emails (participant_id, email, created_at) VALUES (?, ?, ?)",
                          (turn.participant_id, turn.email, stamp))
-        return conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (first_id,)).fetchall()
+        return StoredTurn(conn.execute("SELECT * FROM messages WHERE id = ?", (first_id,)).fetchone(),
+                          conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (first_id,)).fetchall())
 
 
 def _insert_messages(conn: sqlite3.Connection, participant_id: str, turn: int, messages: Sequence[NewMessage],
@@ -326,9 +408,11 @@ def _insert_messages(conn: sqlite3.Connection, participant_id: str, turn: int, m
     for message in messages:
         cursor = conn.execute(
             "INSERT INTO messages (participant_id, turn, sender, kind, text, produced_by, model, latency_ms,"
-            " fallback_reason, client_message_id, reply_to, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " fallback_reason, client_message_id, reply_to, created_at, stage, expects, scores)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (participant_id, turn, message.sender, message.kind, message.text, message.produced_by, message.model,
-             message.latency_ms, message.fallback_reason, message.client_message_id, reply_to, stamp),
+             message.latency_ms, message.fallback_reason, message.client_message_id, reply_to, stamp,
+             message.stage, message.expects, json.dumps(dict(message.scores)) if message.scores is not None else None),
         )
         last = int(cursor.lastrowid or 0)
     return last

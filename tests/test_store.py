@@ -77,10 +77,10 @@ def turn(version: int, client_id: str | None, text: str = "hi", email: str | Non
 
 def test_record_turn_is_atomic_and_idempotent(conn: sqlite3.Connection) -> None:
     new(conn)
-    replies = store.record_turn(conn, turn(0, "c1"))
+    replies = store.record_turn(conn, turn(0, "c1")).replies
     assert [r["text"] for r in replies] == ["reply to hi"]
     # A retry of the same client message id returns the same reply and stores nothing twice.
-    again = store.record_turn(conn, turn(0, "c1"))
+    again = store.record_turn(conn, turn(0, "c1")).replies
     assert [r["id"] for r in again] == [r["id"] for r in replies]
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
     row = conn.execute("SELECT * FROM participants").fetchone()
@@ -137,3 +137,37 @@ def test_group_commit_answers_each_write_and_a_failure_rolls_back_alone(tmp_path
     assert [o for o in outcomes if not isinstance(o, Exception)] == [n for n in range(50) if n != 13]
     assert isinstance(outcomes[13], Conflict)
     assert stored == 49
+
+
+def test_a_client_key_is_unique_and_a_retry_returns_the_same_row(conn: sqlite3.Connection) -> None:
+    first, created = store.create_participant(conn, participant_id="p1", token="tok-p1", choose_cell=_choose,
+                                              greet=_greet, client_key="k" * 20)
+    again, created_again = store.create_participant(conn, participant_id="p2", token="tok-p2", choose_cell=_choose,
+                                                    greet=_greet, client_key="k" * 20)
+    assert created and not created_again and again["id"] == first["id"]
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at,"
+                     " client_key) VALUES ('p3', 't3', 'x', '{}', '{}', 0, 'started', 'now', ?)", ("k" * 20,))
+
+
+def test_upgrading_a_version_2_database_stores_what_each_old_turn_expected(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    db = sqlite_utils.Database(conn)
+    for step in store.MIGRATIONS[:2]:
+        step(db)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at)"
+                 " VALUES ('p1', 't', 'x', '{}', '{}', 0, 'started', 'now')")
+    for mid, sender, kind, reply_to in [(1, "participant", "message", None), (2, "bot", "question", 1),
+                                        (3, "participant", "message", None), (4, "bot", "closing", 3),
+                                        (5, "participant", "email", None), (6, "bot", "thanks", 5)]:
+        conn.execute("INSERT INTO messages (id, participant_id, turn, sender, kind, text, reply_to, created_at)"
+                     " VALUES (?, 'p1', 1, ?, ?, 'x', ?, 'now')", (mid, sender, kind, reply_to))
+    conn.close()
+    upgraded = store.connect(tmp_path / "old.db")
+    got = [(r["stage"], r["expects"]) for r in upgraded.execute("SELECT * FROM messages WHERE sender = 'participant'")]
+    assert got == [("chat", "message"), ("email", "email"), ("done", "done")]

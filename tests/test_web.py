@@ -47,7 +47,7 @@ def test_a_whole_conversation_is_stored_message_by_message(client: Client, tmp_p
     c = client()
     session = start(c)
     assert session["expects"] == "message" and len(session["messages"]) == 1
-    assert set(session) == {"session_id", "messages", "expects", "bot", "max_message_chars"}
+    assert set(session) == {"session_id", "messages", "expects", "bot", "max_message_chars", "turn"}
     shown = [m["text"] for m in session["messages"]]
     answer = send(c, session["session_id"], "The courier left my parcel in the rain and it was soaked.")
     shown += [r["text"] for r in answer["replies"]]
