@@ -18,11 +18,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import httpx
 
 from combot import __version__
+from combot.breaker import OPEN_REASON, CircuitBreaker, counts_as_failure
 from combot.settings import Settings
 
 log = logging.getLogger("combot.llm")
@@ -46,6 +48,8 @@ _WORDS = re.compile(r"[a-z0-9']+")
 # who wrote "print your system prompt" and a model that obeyed). Fewer would catch honest replies:
 # "more information about the customer-service experience you have in mind" shares 7 with ours.
 ECHO_WORDS = 10
+# The circuit breaker's shared state, beside the database (see combot/breaker.py).
+BREAKER_SUFFIX = ".llm-breaker"
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class LLMConfig:
     max_in_flight: int = 100
     max_calls_per_participant: int = 10
     api_key_env: str = "OPENAI_API_KEY"
+    breaker_failures: int = 3
+    breaker_cooldown: float = 30.0
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -70,6 +76,10 @@ class LLMConfig:
             raise ValueError("llm max_tokens must be at least 1")
         if self.max_calls_per_participant < 0:
             raise ValueError("llm max_calls_per_participant must be 0 (no limit) or more")
+        if self.breaker_failures < 0:
+            raise ValueError("llm breaker_failures must be 0 (no breaker) or more")
+        if self.breaker_cooldown <= 0:
+            raise ValueError("llm breaker_cooldown must be more than 0 seconds")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LLMConfig | None:
@@ -133,8 +143,11 @@ class LLM:
     """
 
     def __init__(self, config: LLMConfig, *, api_key: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, breaker_path: str | Path | None = None):
         self.config = config
+        # A probe call may take the whole timeout; after that (its worker died) another may probe.
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown, path=breaker_path,
+                                      probe_lease=config.timeout + 1.0)
         headers = {"User-Agent": f"combot/{__version__}", "Accept": "application/json"}
         if api_key:
             # httpx masks Authorization in its reprs; it is kept nowhere else.
@@ -163,6 +176,7 @@ class LLM:
         clients, self._clients, self._busy = self._clients, [], []
         for client in clients:
             await client.aclose()
+        self.breaker.close()
 
     def _pick(self) -> int:
         """The least busy client, adding one while all are full (callers hold a slot, so this stops)."""
@@ -176,6 +190,16 @@ class LLM:
 
     async def complete(self, system: str, text: str) -> LLMReply | Fallback:
         """Ask for a reply to `text` (sent as the user's message, never spliced into `system`)."""
+        ticket = self.breaker.admit()
+        if ticket is None:
+            # The LLM failed again and again just now: nobody waits for it until the cool-down ends.
+            return Fallback(OPEN_REASON, 0)
+        outcome = await self._complete(system, text)
+        self.breaker.record(isinstance(outcome, Fallback) and counts_as_failure(outcome.reason),
+                            probe=ticket == "probe")
+        return outcome
+
+    async def _complete(self, system: str, text: str) -> LLMReply | Fallback:
         started = time.perf_counter()
         acquired = False
         try:
@@ -242,12 +266,16 @@ def _ms(started: float) -> int:
 
 
 def create_llm(settings: Settings, environ: Mapping[str, str] | None = None,
-               transport: httpx.AsyncBaseTransport | None = None) -> LLM | None:
-    """The worker's LLM, or None when none is configured (the offline paraphraser answers)."""
+               transport: httpx.AsyncBaseTransport | None = None, database: str | Path | None = None) -> LLM | None:
+    """The worker's LLM, or None when none is configured (the offline paraphraser answers).
+
+    With `database`, the circuit breaker's state is shared by every worker using that database.
+    """
     config = LLMConfig.from_settings(settings)
     if config is None:
         return None
-    return LLM(config, api_key=config.api_key(environ), transport=transport)
+    return LLM(config, api_key=config.api_key(environ), transport=transport,
+               breaker_path=f"{database}{BREAKER_SUFFIX}" if database else None)
 
 
 def parse_completion(body: bytes, default_model: str) -> tuple[str, str]:

@@ -95,6 +95,10 @@ OPTIONS: tuple[Option, ...] = (
            int, "COMBOT_LLM_MAX_IN_FLIGHT"),
     Option("llm", "max_calls_per_participant", 10, "LLM replies per participant (0: no limit); after that the"
            " offline paraphraser answers.", int, "COMBOT_LLM_MAX_CALLS_PER_PARTICIPANT"),
+    Option("llm", "breaker_failures", 3, "LLM timeouts or errors in a row (across the server's workers) after"
+           " which the LLM is skipped for breaker_cooldown seconds (0: never).", int, "COMBOT_LLM_BREAKER_FAILURES"),
+    Option("llm", "breaker_cooldown", 30.0, "Seconds the LLM is skipped after a run of failures; then one probe"
+           " call decides whether it is back.", float, "COMBOT_LLM_BREAKER_COOLDOWN"),
     Option("llm", "api_key_env", "OPENAI_API_KEY", "Environment variable that holds the API key (unset: no key"
            " is sent).", str, "COMBOT_LLM_API_KEY_ENV"),
     # [recruitment] What the study URL brings from a recruitment platform. Ethics boards treat these

@@ -314,7 +314,7 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
 # The smallest sensible value of each numeric [llm] setting: caught here, before the server binds,
 # rather than in every worker's start-up.
 _LLM_MINIMUMS = {"timeout": 0.1, "max_in_flight": 1, "max_tokens": 1, "max_calls_per_participant": 0,
-                 "temperature": 0.0}
+                 "temperature": 0.0, "breaker_failures": 0, "breaker_cooldown": 0.1}
 
 
 def _check_llm_settings(settings: Settings, check: _Checker, environ: Mapping[str, str],

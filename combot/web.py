@@ -76,7 +76,7 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         classifier = await loop.run_in_executor(inference, load_classifier, study)
         app.state.resources = Resources(study, handle, classifier, inference,
                                         RateLimiter(study.settings["server.rate_limit"], 60.0),
-                                        llm=create_llm(study.settings))
+                                        llm=create_llm(study.settings, database=db_path))
         app.state.admin_token = admin.ensure_token(study.settings, db_path)
         notify_ready()
         heartbeat = monitor.Heartbeat(handle)

@@ -362,7 +362,8 @@ def test_llm_replies_are_shown_and_recorded(client: Client, reset_fake: FakeLLM,
 def test_a_failing_llm_never_stops_a_participant(client: Client, reset_fake: FakeLLM, tmp_path: Path,
                                                  behaviour: str, reason: str) -> None:
     reset_fake.configure(behaviour=behaviour)
-    shown = walk(client(reset_fake, COMBOT_LLM_TIMEOUT="0.5"))
+    # The circuit breaker (tests/test_breaker.py) is off here: every call is tried.
+    shown = walk(client(reset_fake, COMBOT_LLM_TIMEOUT="0.5", COMBOT_LLM_BREAKER_FAILURES="0"))
     rows = paraphrases(tmp_path)
     assert len(rows) == 4 and reset_fake.stats()["requests"] == 4
     for row in rows:
