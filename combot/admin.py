@@ -164,6 +164,7 @@ async def download(request: Request) -> Response:
     _require(request)
     res = request.app.state.resources
     anonymise = request.query_params.get("anonymise") in ("1", "true", "yes")
+    include_synthetic = request.query_params.get("include_synthetic") in ("1", "true", "yes")
     fmt = request.query_params.get("format", "csv")
     if fmt not in export.FORMATS:
         fmt = "csv"
@@ -172,7 +173,8 @@ async def download(request: Request) -> Response:
     def build() -> None:
         conn = export.open_database(res.store.path)
         try:
-            export.export_to_zip(conn, res.study, target, anonymise=anonymise, fmt=fmt)
+            export.export_to_zip(conn, res.study, target, anonymise=anonymise, fmt=fmt,
+                                 include_synthetic=include_synthetic)
         finally:
             conn.close()
         target.seek(0)

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from combot import consent, engine, recruitment, store
+from combot import consent, engine, recruitment, store, synthetic
 from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
@@ -52,6 +52,7 @@ async def create_session(request: Request) -> Response:
     params = recruitment.captured_params(request.query_params, study.settings)
     platform_id = recruitment.platform_id(params, study.settings)
     consented = consent.given(data)
+    is_synthetic = synthetic.is_synthetic(request.headers, request.app.state.admin_token.value)
     if study.settings["consent.enabled"] and not consented:
         returning = await res.store.read(store.participant_by_client_key, key) if key else None
         if returning is not None and returning["status"] == "declined":
@@ -77,7 +78,7 @@ async def create_session(request: Request) -> Response:
         choose_cell=lambda counts: choose_cell(study, counts, rng),
         greet=greet, user_agent=request.headers.get("user-agent", ""), url_params=params,
         platform_id=platform_id, fill=study.fill, active_minutes=study.active_minutes, consented=consented,
-        client_key=key)
+        client_key=key, study_version=study.version, synthetic=is_synthetic)
     return await _session_response(res, row, status=201 if created else 200)
 
 

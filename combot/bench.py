@@ -25,7 +25,11 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from combot import synthetic
+
 # The original system's published 30-user result (see the project's seed report).
+# The admin token of the server `combot bench` starts itself (a throw-away database).
+LOCAL_ADMIN_TOKEN = "bench"
 ORIGINAL = {"users": 30, "mean_s": 16.5, "p95_s": 20.0, "max_s": 21.75, "memory_gb": 3.5}
 
 COMPLAINTS = [
@@ -108,7 +112,7 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any], kind:
 
 
 async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_time: float, mode: str,
-               index: int) -> Participant:
+               index: int, start_body: dict[str, Any] | None = None) -> Participant:
     """One participant through the study, timing each reply by kind of turn."""
     person = Participant()
 
@@ -117,7 +121,7 @@ async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_t
             await asyncio.sleep(rng.uniform(0.5, 1.5) * think_time)
 
     try:
-        session = await _post(client, base + "api/sessions", {}, "start", person,
+        session = await _post(client, base + "api/sessions", start_body or {}, "start", person,
                               params={"PROLIFIC_PID": f"bench-{os.getpid()}-{index}-{rng.getrandbits(32):x}"})
         person.session_id = session["session_id"]
         person.received += [m["text"] for m in session["messages"]]
@@ -153,7 +157,9 @@ async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_t
 
 
 async def run_load(base: str, users: int, think_time: float, mode: str, duration: float, seed: int,
-                   show_progress: bool = True) -> tuple[list[Participant], float]:
+                   show_progress: bool = True, admin_token: str = "") -> tuple[list[Participant], float]:
+    """Run the participants; with the study's admin token, every one is marked synthetic (see
+    combot.synthetic), so they count towards no cell and stay out of the dashboard and export."""
     # Several small connection pools: httpx's pool does work that grows with the square of its
     # connections on every request (encode/httpcore#1035), so one big pool would measure itself.
     per_pool = 8
@@ -163,8 +169,13 @@ async def run_load(base: str, users: int, think_time: float, mode: str, duration
     progress = Progress(users if duration <= 0 else 0, show=show_progress)
     people: list[Participant] = []
     started = time.monotonic()
-    clients = [httpx.AsyncClient(limits=limits, timeout=timeout) for _ in range((users + per_pool - 1) // per_pool)]
+    marks = synthetic.headers(admin_token) if admin_token else {}
+    clients = [httpx.AsyncClient(limits=limits, timeout=timeout, headers=marks)
+               for _ in range((users + per_pool - 1) // per_pool)]
     try:
+        # A study with a consent page starts only with {"consent": true}.
+        consent = (await clients[0].get(base + "api/consent")).json().get("enabled", False)
+        start_body = {"consent": True} if consent else {}
         async def one(index: int) -> None:
             local = random.Random(rng.getrandbits(64))
             client = clients[index // per_pool]
@@ -172,7 +183,7 @@ async def run_load(base: str, users: int, think_time: float, mode: str, duration
             if think_time > 0:
                 await asyncio.sleep(local.uniform(0, think_time))
             while True:
-                person = await walk(client, base, local, think_time, mode, index)
+                person = await walk(client, base, local, think_time, mode, index, start_body)
                 people.append(person)
                 progress.update(person.error is None)
                 if duration <= 0 or time.monotonic() - started >= duration:
@@ -250,7 +261,7 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
         args += ["--config", config_path]
     log = (workdir / "server.log").open("wb")
     # Generous limits so the bench measures the server, not its abuse protection.
-    environment = {**os.environ, "COMBOT_RATE_LIMIT": "0", "COMBOT_ADMIN_TOKEN": "bench", **env}
+    environment = {**os.environ, "COMBOT_RATE_LIMIT": "0", "COMBOT_ADMIN_TOKEN": LOCAL_ADMIN_TOKEN, **env}
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -369,6 +380,7 @@ class BenchOptions:
     config_path: str | None = None
     seed: int = 1
     progress: bool = True
+    admin_token: str = ""  # of the study at `url`: marks its simulated participants synthetic
 
 
 def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -381,14 +393,16 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                     f"{'LLM ' + str(options.llm_latency) + ' s' if llm_env else 'offline paraphraser'}):")
                 if options.url:
                     people, elapsed = asyncio.run(run_load(options.url.rstrip("/") + "/", users, options.think_time,
-                                                           options.mode, options.duration, options.seed, options.progress))
+                                                           options.mode, options.duration, options.seed, options.progress,
+                                                           options.admin_token))
                     level = summarise(people, elapsed)
                 else:
                     workdir = Path(tmp) / f"level-{users}"
                     workdir.mkdir()
                     with local_server(options.workers, options.config_path, llm_env, workdir) as (url, db, process):
                         people, elapsed = asyncio.run(run_load(url, users, options.think_time, options.mode,
-                                                               options.duration, options.seed, options.progress))
+                                                               options.duration, options.seed, options.progress,
+                                                               LOCAL_ADMIN_TOKEN))
                         level = summarise(people, elapsed)
                         level["memory"] = memory(process.pid)
                     level["data"] = verify(db, people)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import hashlib
 import json
 import os
 import threading
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODER_FILE = "encoder.int8.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-HEAD_FILE = "head.json"
+from combot.modelinfo import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, default_model_dir, file_sha256
+
 HEAD_FORMAT = "combot-head/1"
 
 
@@ -38,26 +36,6 @@ class Classification:
     label: str
     scores: dict[str, float]
     top: str
-
-
-def default_model_dir() -> Path:
-    """Where the shipped model lives: $COMBOT_MODEL_DIR, the .pyz bundle, or the source checkout."""
-    env = os.environ.get("COMBOT_MODEL_DIR")
-    if env:
-        return Path(env)
-    bundled = Path(__file__).resolve().parent / "_bundled" / "model"
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parent.parent / "model"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file; a head records the encoder it was trained on by this digest."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

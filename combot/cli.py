@@ -39,7 +39,7 @@ def _setting_options(section: str, names: tuple[str, ...] | None = None) -> Call
 
 def _flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     name = "--" + opt.name.replace("_", "-")
-    help_text = f"{opt.help} [default: {opt.default if opt.kind is not list else ','.join(opt.default)}; env {opt.env_name}]"
+    help_text = f"{opt.help} [default: {opt.to_env(opt.default)}; env {opt.env_name}]"
     if opt.kind is bool:
         return click.option(f"{name}/--no-{opt.name.replace('_', '-')}", opt.name, default=None, help=help_text)
     kind = {int: int, float: float}.get(opt.kind, str)
@@ -72,7 +72,7 @@ def serve(config_path: str | None, **flags: Any) -> None:
     """Serve the study: a multi-process web server for participants."""
     from combot import server
 
-    study = _load(config_path, "server", flags)
+    study = _stamped(_load(config_path, "server", flags))
     cfg = study.settings.section("server")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     options = server.ServeOptions(
@@ -92,6 +92,7 @@ def serve(config_path: str | None, **flags: Any) -> None:
 
     def ready() -> None:
         click.echo(f"Combot is serving '{study.title}' from {options.config_path or 'the bundled default study'}")
+        click.echo(f"  study version:     {study.version}")
         click.echo(f"  participants open: {server.bound_url(options.host, options.port)}")
         click.echo(f"  database:          {options.database.resolve()}")
         click.echo(f"  workers:           {options.workers}   (Ctrl-C stops after in-flight replies finish)")
@@ -108,6 +109,15 @@ def serve(config_path: str | None, **flags: Any) -> None:
     except (RuntimeError, sqlite3.Error) as error:
         raise click.ClickException(f"cannot use the database {options.database}: {error}") from None
     sys.exit(code)
+
+
+def _stamped(study: Study) -> Study:
+    from combot import versioning
+
+    try:
+        return versioning.stamp(study)
+    except OSError as error:
+        raise click.ClickException(f"cannot read the classifier files: {error}") from None
 
 
 @cli.command()
@@ -128,9 +138,10 @@ def init(path: str, force: bool) -> None:
 @_config_option
 def check(config_path: str | None) -> None:
     """Check a study file and list its cells."""
-    study = _load(config_path)
+    study = _stamped(_load(config_path))
     cells = study.cells()
     click.echo(f"{study.path}: OK. {len(cells)} cells, {study.followup_turns} follow-up turns, assignment {study.assignment}.")
+    click.echo(f"Study version {study.version} (stamped on every participant it serves).")
     for cell in cells:
         click.echo(f"  {study.cell_number(cell)}. {study.cell_label(cell)}  follow-ups: {study.followup_mode(cell)}")
 
@@ -180,7 +191,10 @@ def llm_check(config_path: str | None, text: str, **flags: Any) -> None:
 @cli.command()
 @click.option("--users", default="30", show_default=True,
               help="Simulated participants at once; a list such as 1,5,10,30,100 runs each level in turn.")
-@click.option("--url", help="Bench a running server instead of starting one.")
+@click.option("--url", help="Bench a running server instead of starting one (needs its admin token).")
+@click.option("--admin-token", envvar="COMBOT_ADMIN_TOKEN", default="",
+              help="With --url: the study's admin token, so the simulated participants are marked synthetic"
+                   " (left out of balance, dashboard and export) [env COMBOT_ADMIN_TOKEN].")
 @click.option("--workers", default=8, show_default=True, help="Worker processes of the server it starts.")
 @click.option("--think-time", default=0.0, show_default=True, help="Mean seconds between a participant's messages.")
 @click.option("--mode", type=click.Choice(["full", "first-message"]), default="full", show_default=True,
@@ -191,8 +205,9 @@ def llm_check(config_path: str | None, text: str, **flags: Any) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the whole report to this file.")
 @click.option("--seed", default=1, show_default=True, help="Seed for the simulated participants' choices.")
 @_config_option
-def bench(users: str, url: str | None, workers: int, think_time: float, mode: str, llm_latency: float, no_llm: bool,
-          duration: float, json_path: str | None, seed: int, config_path: str | None) -> None:
+def bench(users: str, url: str | None, admin_token: str, workers: int, think_time: float, mode: str,
+          llm_latency: float, no_llm: bool, duration: float, json_path: str | None, seed: int,
+          config_path: str | None) -> None:
     """Load-test the study with simulated participants and report reply times, memory and data checks."""
     from combot import bench as bench_module
 
@@ -204,9 +219,15 @@ def bench(users: str, url: str | None, workers: int, think_time: float, mode: st
         raise click.ClickException("--users must be at least 1")
     if config_path:
         _load(config_path)
+    if url and not admin_token.strip():
+        raise click.ClickException(
+            "--url needs the study's admin token (--admin-token or COMBOT_ADMIN_TOKEN; `serve` printed it, or see"
+            " <database>.admin-token), so the simulated participants are marked synthetic instead of counting"
+            " as real ones")
     options = bench_module.BenchOptions(
         users=levels, url=url, workers=workers, think_time=think_time, mode=mode, llm_latency=llm_latency,
-        use_llm=not no_llm, duration=duration, config_path=config_path, seed=seed, progress=sys.stderr.isatty())
+        use_llm=not no_llm, duration=duration, config_path=config_path, seed=seed, progress=sys.stderr.isatty(),
+        admin_token=admin_token.strip())
     try:
         report = bench_module.run_bench(options, say=lambda line: click.echo(line, err=True))
     except RuntimeError as error:
@@ -226,16 +247,20 @@ def bench(users: str, url: str | None, workers: int, think_time: float, mode: st
               help="Leave out personal.csv (e-mail addresses, platform ids, URL parameters, browsers).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
               help="CSV (with spreadsheet-safe text) or JSON Lines.")
+@click.option("--include-synthetic", is_flag=True,
+              help="Add the simulated participants of `combot bench` and pilots, with a `synthetic` column.")
 @_config_option
 @_setting_options("server", ("database",))
-def export_command(out_dir: str, anonymise: bool, fmt: str, config_path: str | None, **flags: Any) -> None:
+def export_command(out_dir: str, anonymise: bool, fmt: str, include_synthetic: bool, config_path: str | None,
+                   **flags: Any) -> None:
     """Export participants, messages, a codebook and (unless --anonymise) personal data for analysis."""
     from combot import export
 
     study = _load(config_path, "server", flags)
     try:
         conn = export.open_database(study.settings["server.database"])
-        counts = export.export_to_dir(conn, study, out_dir, anonymise=anonymise, fmt=fmt)
+        counts = export.export_to_dir(conn, study, out_dir, anonymise=anonymise, fmt=fmt,
+                                      include_synthetic=include_synthetic)
     except export.ExportError as error:
         raise click.ClickException(str(error)) from None
     for name, n in counts.items():

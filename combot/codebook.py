@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from combot import store
+from combot import __version__, store
 from combot.study import Study
 
 if TYPE_CHECKING:
@@ -40,6 +40,26 @@ PRODUCED_BY_MEANINGS = {
 }
 
 
+def _versions(study: Study, versions: Sequence[Mapping[str, Any]]) -> str:
+    """Which versions of the study participants saw; each file's SHA-256 starts with its version."""
+    lines = ["A study version is the first 12 hex digits of the SHA-256 of `study/<version>.toml`: the study file"
+             " after defaults, with the SHA-256 of the classifier head and encoder in its first lines. Editing"
+             " combot.toml between two runs of `serve` makes a new version.\n"]
+    if not versions:
+        lines.append("No study version is recorded in this database.\n")
+    else:
+        lines += ["| study_version | participants | first served (UTC) | Combot | classifier head sha256"
+                  " | encoder sha256 |", "| --- | --- | --- | --- | --- | --- |"]
+        for v in versions:
+            lines.append(f"| `{v['version']}` | {v['participants']} | {v['first_served_at']} | {v['combot_version']}"
+                         f" | `{v['head_sha256']}` | `{v['encoder_sha256']}` |")
+        lines[-1] += "\n"
+        if len(versions) > 1:
+            lines.append(f"\nParticipants span {len(versions)} versions of the study: compare the files in `study/`"
+                         " before pooling them.\n")
+    return "\n".join(lines)
+
+
 def _table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| column | type | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{name}` | {kind} | {meaning} |" for name, kind, meaning in rows]
@@ -47,13 +67,17 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, anonymise: bool,
-             counts: Mapping[str, int]) -> str:
+             counts: Mapping[str, int], versions: Sequence[Mapping[str, Any]] = ()) -> str:
     ext = fmt
     missing = "an empty cell" if fmt == "csv" else "null"
     labels = ", ".join(f"`{p}`" for p in study.problem_types)
     out = [f"# Codebook: {study.title}\n",
-           f"Exported {store.now()} (UTC) by Combot. Rows: " + ", ".join(f"{n} in {k}.{ext}" for k, n in counts.items())
-           + (". personal data left out (--anonymise)." if anonymise else ".") + "\n",
+           f"Exported {store.now()} (UTC) by Combot {__version__}. Rows: "
+           + ", ".join(f"{n} in {k}.{ext}" for k, n in counts.items())
+           + (". personal data left out (--anonymise)." if anonymise else ".")
+           + (" Synthetic participants (`combot bench`, pilots) included: see `synthetic`." if layout.include_synthetic
+              else " Synthetic participants (`combot bench`, pilots) left out (`--include-synthetic` adds them).")
+           + "\n",
            "Timestamps are UTC in ISO 8601 with milliseconds (`2024-05-01T09:30:00.123Z`). "
            f"A missing value is {missing}.\n"]
 
@@ -89,7 +113,13 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
                                f" Filled counted as: `{study.fill}`"
                                + (f" (finished, or active in the last {study.active_minutes} minutes)"
                                   if study.fill == "finished_or_active" else " (everyone given the cell)")),
+        ("study_version", "text", "the version of the study the participant saw: the file study/<version>.toml"
+                                  " holds its full text (see Study versions below); empty for participants stored"
+                                  " before versions were recorded"),
     ]
+    if layout.include_synthetic:
+        participants.append(("synthetic", "integer", "1: a simulated participant made by `combot bench` or a pilot"
+                                                     " (never counted towards a cell); 0: a real participant"))
     out += [f"## participants.{ext}\n", "One row per participant, declines included.\n", _table(participants)]
 
     cell_lines = ["| cell_number | cell | " + " | ".join(study.factors) + " |",
@@ -101,6 +131,7 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
     problem_lines = [f"- `{p}`: {PROBLEM_MEANINGS.get(p, 'as labelled in the study file')}"
                      + (" (the catch-all)" if p == study.catch_all else "") for p in study.problem_types]
     out += ["### Problem types\n", "\n".join(problem_lines) + "\n"]
+    out += ["### Study versions\n", _versions(study, versions)]
 
     kinds = [(row[0], row[1]) for row in conn.execute("SELECT DISTINCT sender, kind FROM messages ORDER BY 1, 2")]
     known = list(KIND_MEANINGS)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from combot import recruitment, store
+from combot import recruitment, store, synthetic
 from combot.errors import BadRequest, NotFound
 from combot.parsing import client_key, read_json
 from combot.study import Study
@@ -51,10 +51,12 @@ async def post_decline(request: Request) -> Response:
     data = await read_json(request, study.settings["server.max_body_bytes"])
     key = client_key(data)  # a retried decline (lost response) with the same key stores nothing new
     params = recruitment.captured_params(request.query_params, study.settings)
+    is_synthetic = synthetic.is_synthetic(request.headers, request.app.state.admin_token.value)
     _, created = await res.store.run(
         store.record_decline, participant_id="p" + secrets.token_hex(6), token=secrets.token_urlsafe(24),
         user_agent=request.headers.get("user-agent", ""), url_params=params,
-        platform_id=recruitment.platform_id(params, study.settings), client_key=key)
+        platform_id=recruitment.platform_id(params, study.settings), client_key=key,
+        study_version=study.version, synthetic=is_synthetic)
     return JSONResponse({"declined": True, "text": study.settings["consent.declined_text"]},
                         status_code=201 if created else 200, headers={"Cache-Control": "no-store"})
 

@@ -40,6 +40,12 @@ class Unauthorized(CombotError):
     status_code = 401
 
 
+class Forbidden(CombotError):
+    """The request claims something it cannot prove (a wrong synthetic-participant key)."""
+
+    status_code = 403
+
+
 class ConsentRequired(CombotError):
     """The study asks for consent first, and this request to start a session did not carry it."""
 

@@ -3,7 +3,11 @@
 - participants.csv: one row per participant (declines included), factors and scores as columns.
 - messages.csv: one row per stored message.
 - personal.csv: e-mail addresses, platform ids and URL parameters; left out with `anonymise`.
-- codebook.md: every column and every value.
+- study/<version>.toml: the full text of each study version participants saw (`study_version`).
+- codebook.md: every column and every value, and the Combot version and model digests.
+
+Synthetic participants (`combot bench`, pilots) are left out unless `include_synthetic`, which adds
+them with a `synthetic` column.
 
 Rows are streamed from SQLite cursors straight into the files, so memory stays flat however many
 messages there are; the whole export reads one snapshot (one read transaction), so the files agree
@@ -38,6 +42,7 @@ from combot.study import Study
 
 FORMATS = ("csv", "jsonl")
 PERSONAL = "personal"
+STUDY_FOLDER = "study"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -66,7 +71,7 @@ def _column_name(raw: str, taken: set[str], prefix: str) -> str:
 
 
 PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "status", "consent", "started_at",
-                     "finished_at", "last_active_at", "seconds_spent", "turns", "assignment")
+                     "finished_at", "last_active_at", "seconds_spent", "turns", "assignment", "study_version")
 MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
                    "latency_ms", "fallback_reason", "timestamp")
 PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
@@ -75,12 +80,14 @@ PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 class Layout:
     """The columns of each file for this study: fixed ones plus one per factor, score and URL parameter."""
 
-    def __init__(self, study: Study, extra_params: Iterable[str] = ()):
-        taken = set(PARTICIPANT_FIXED)
+    def __init__(self, study: Study, extra_params: Iterable[str] = (), include_synthetic: bool = False):
+        taken = set(PARTICIPANT_FIXED) | {"synthetic"}
+        self.include_synthetic = include_synthetic
         self.factors = {name: _column_name(name, taken, "factor_") for name in study.factors}
         self.scores = {label: _column_name("score_" + label, taken, "x_") for label in study.problem_types}
         self.participants = (PARTICIPANT_FIXED[:3] + tuple(self.factors.values()) + PARTICIPANT_FIXED[3:4]
-                             + tuple(self.scores.values()) + PARTICIPANT_FIXED[4:])
+                             + tuple(self.scores.values()) + PARTICIPANT_FIXED[4:]
+                             + (("synthetic",) if include_synthetic else ()))
         taken = set(PERSONAL_FIXED)
         names = list(dict.fromkeys([*_configured_params(study.settings), *extra_params]))
         self.params = {name: _column_name(name, taken, "param_") for name in names}
@@ -103,8 +110,13 @@ def _seconds(start: str | None, end: str | None) -> float | None:
     return round(delta.total_seconds(), 3)
 
 
+def _real_only(layout: Layout, alias: str = "") -> str:
+    """The SQL condition that leaves synthetic participants (bench, pilot) out, unless they are wanted."""
+    return "1" if layout.include_synthetic else f"{alias}synthetic = 0"
+
+
 def participant_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
-    for row in conn.execute("SELECT * FROM participants ORDER BY created_at, id"):
+    for row in conn.execute(f"SELECT * FROM participants WHERE {_real_only(layout)} ORDER BY created_at, id"):
         factors = json.loads(row["factors"] or "{}")
         scores = json.loads(row["scores"] or "{}")
         declined = row["status"] == "declined"
@@ -114,7 +126,8 @@ def participant_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[
             "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked",
             "started_at": row["created_at"], "finished_at": row["finished_at"], "last_active_at": row["updated_at"],
             "seconds_spent": None if declined else _seconds(row["created_at"], row["finished_at"] or row["updated_at"]),
-            "turns": row["turns"], "assignment": row["assignment"],
+            "turns": row["turns"], "assignment": row["assignment"], "study_version": row["study_version"],
+            "synthetic": row["synthetic"],
         }
         for name, column in layout.factors.items():
             out[column] = factors.get(name)
@@ -123,11 +136,12 @@ def participant_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[
         yield out
 
 
-def message_rows(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+def message_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
     # (participant_id, id) is indexed, so this streams in order without a sort.
+    where = "" if layout.include_synthetic else " WHERE participant_id IN (SELECT id FROM participants WHERE synthetic = 0)"
     for row in conn.execute(
             "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, fallback_reason,"
-            " created_at FROM messages ORDER BY participant_id, id"):
+            f" created_at FROM messages{where} ORDER BY participant_id, id"):
         yield {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
                "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
                "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
@@ -137,7 +151,8 @@ def message_rows(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
 def personal_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
     for row in conn.execute(
             "SELECT p.id, e.email, p.platform_id, p.url_params, p.user_agent FROM participants p"
-            " LEFT JOIN emails e ON e.participant_id = p.id ORDER BY p.created_at, p.id"):
+            f" LEFT JOIN emails e ON e.participant_id = p.id WHERE {_real_only(layout, 'p.')}"
+            " ORDER BY p.created_at, p.id"):
         params = json.loads(row["url_params"] or "{}")
         out: dict[str, Any] = {"participant_id": row["id"], "email": row["email"], "platform_id": row["platform_id"],
                                "user_agent": row["user_agent"] or None}
@@ -184,7 +199,7 @@ def _tables(conn: sqlite3.Connection, layout: Layout, anonymise: bool
             ) -> list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]]:
     tables: list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]] = [
         ("participants", layout.participants, lambda: participant_rows(conn, layout)),
-        ("messages", MESSAGE_COLUMNS, lambda: message_rows(conn)),
+        ("messages", MESSAGE_COLUMNS, lambda: message_rows(conn, layout)),
     ]
     if not anonymise:
         tables.append((PERSONAL, layout.personal, lambda: personal_rows(conn, layout)))
@@ -192,22 +207,27 @@ def _tables(conn: sqlite3.Connection, layout: Layout, anonymise: bool
 
 
 def _write_all(conn: sqlite3.Connection, study: Study, anonymise: bool, fmt: str,
-               open_text: Callable[[str], Any]) -> dict[str, int]:
+               open_text: Callable[[str], Any], include_synthetic: bool = False) -> dict[str, int]:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format '{fmt}' (expected one of: {', '.join(FORMATS)})")
     counts: dict[str, int] = {}
     with snapshot(conn):
-        layout = Layout(study, _stored_param_names(conn))
+        layout = Layout(study, _stored_param_names(conn), include_synthetic=include_synthetic)
         for name, columns, rows in _tables(conn, layout, anonymise):
             with open_text(f"{name}.{fmt}") as stream:
                 counts[name] = write_rows(stream, fmt, columns, rows())
+        # Every version of the study participants saw, as the text it was served from.
+        versions = store.study_versions(conn, include_synthetic)
+        for version in versions:
+            with open_text(f"{STUDY_FOLDER}/{version['version']}.toml") as stream:
+                stream.write(version["text"])
         with open_text("codebook.md") as stream:
-            stream.write(codebook(conn, study, layout, fmt, anonymise, counts))
+            stream.write(codebook(conn, study, layout, fmt, anonymise, counts, versions))
     return counts
 
 
 def export_to_dir(conn: sqlite3.Connection, study: Study, out: str | Path, *, anonymise: bool = False,
-                  fmt: str = "csv") -> dict[str, int]:
+                  fmt: str = "csv", include_synthetic: bool = False) -> dict[str, int]:
     """Write the export into folder `out` (created if needed); returns rows written per file.
 
     Each file is written under a temporary name and renamed when complete. With `anonymise`, a
@@ -224,16 +244,18 @@ def export_to_dir(conn: sqlite3.Connection, study: Study, out: str | Path, *, an
 
     @contextmanager
     def open_text(name: str) -> Iterator[IO[str]]:
-        temporary = folder / f".{name}.partial"
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.partial")
         with open(temporary, "w", encoding="utf-8", newline="") as stream:
             yield stream
-        os.replace(temporary, folder / name)
+        os.replace(temporary, target)
 
-    return _write_all(conn, study, anonymise, fmt, open_text)
+    return _write_all(conn, study, anonymise, fmt, open_text, include_synthetic)
 
 
 def export_to_zip(conn: sqlite3.Connection, study: Study, target: IO[bytes], *, anonymise: bool = False,
-                  fmt: str = "csv") -> dict[str, int]:
+                  fmt: str = "csv", include_synthetic: bool = False) -> dict[str, int]:
     """The same files in a zip archive written to `target` (a file, so nothing is held in memory)."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
 
@@ -245,7 +267,7 @@ def export_to_zip(conn: sqlite3.Connection, study: Study, target: IO[bytes], *, 
                 stream.flush()
                 stream.detach()
 
-        return _write_all(conn, study, anonymise, fmt, open_text)
+        return _write_all(conn, study, anonymise, fmt, open_text, include_synthetic)
 
 
 def open_database(path: str | Path) -> sqlite3.Connection:

@@ -27,6 +27,8 @@ from combot.study import Study
 log = logging.getLogger("combot.monitor")
 
 HEARTBEAT_SECONDS = 10.0
+# Messages of real participants only: synthetic ones (bench, pilots) are left out of every number.
+_REAL = "participant_id NOT IN (SELECT id FROM participants WHERE synthetic = 1)"
 WORKER_SEEN_SECONDS = 30.0
 
 
@@ -153,7 +155,7 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
                         "started": 0, "finished": 0, "active": 0, "abandoned": 0}
     for row in conn.execute(
             "SELECT cell, cell_number, status, updated_at >= ? AS recent, count(*) AS n FROM participants"
-            " WHERE status != 'declined' GROUP BY cell, cell_number, status, recent", (active_since,)):
+            " WHERE status != 'declined' AND synthetic = 0 GROUP BY cell, cell_number, status, recent", (active_since,)):
         entry = cells.setdefault(row["cell"], {"cell": row["cell"], "number": row["cell_number"], "factors": {},
                                                "started": 0, "finished": 0, "active": 0, "abandoned": 0})
         entry["started"] += row["n"]
@@ -164,13 +166,16 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
         else:
             entry["abandoned"] += row["n"]
     totals = {key: sum(c[key] for c in cells.values()) for key in ("started", "finished", "active", "abandoned")}
-    totals["declined"] = conn.execute("SELECT count(*) FROM participants WHERE status = 'declined'").fetchone()[0]
+    totals["declined"] = conn.execute("SELECT count(*) FROM participants WHERE status = 'declined'"
+                                      " AND synthetic = 0").fetchone()[0]
+    # Left out of every number here; the count says they exist (bench runs, pilots).
+    synthetic = conn.execute("SELECT count(*) FROM participants WHERE synthetic = 1").fetchone()[0]
 
     # How far participants got: messages answered in the chat (the e-mail is not one), then finished.
     reached: dict[int, int] = {}
     for row in conn.execute(
             "SELECT CAST(coalesce(json_extract(state, '$.turn'), 0) AS INTEGER) AS t, count(*) AS n"
-            " FROM participants WHERE status != 'declined' GROUP BY t"):
+            " FROM participants WHERE status != 'declined' AND synthetic = 0 GROUP BY t"):
         reached[row["t"]] = row["n"]
     steps = study.followup_turns + 1
     funnel = [{"step": "opened the chat", "n": totals["started"]}]
@@ -182,7 +187,7 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
     problems = {p: 0 for p in study.problem_types}
     unclassified = 0
     for row in conn.execute("SELECT problem_type, count(*) AS n FROM participants WHERE status != 'declined'"
-                            " GROUP BY problem_type"):
+                            " AND synthetic = 0 GROUP BY problem_type"):
         if row["problem_type"] is None:
             unclassified += row["n"]
         else:
@@ -191,12 +196,12 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
 
     # One latency per answered participant message: a turn may store several bot messages.
     cte = ("WITH r AS (SELECT max(latency_ms) AS ms FROM messages WHERE sender = 'bot' AND reply_to IS NOT NULL"
-           " AND latency_ms IS NOT NULL AND created_at >= ? GROUP BY reply_to)")
+           f" AND latency_ms IS NOT NULL AND created_at >= ? AND {_REAL} GROUP BY reply_to)")
     n, mean = conn.execute(cte + " SELECT count(*), avg(ms) FROM r", (since,)).fetchone()
     fallbacks = conn.execute("SELECT count(DISTINCT reply_to) FROM messages WHERE sender = 'bot'"
-                             " AND fallback_reason IS NOT NULL AND created_at >= ?", (since,)).fetchone()[0]
-    sessions = conn.execute("SELECT count(*) FROM participants WHERE created_at >= ? AND status != 'declined'",
-                            (since,)).fetchone()[0]
+                             f" AND fallback_reason IS NOT NULL AND created_at >= ? AND {_REAL}", (since,)).fetchone()[0]
+    sessions = conn.execute("SELECT count(*) FROM participants WHERE created_at >= ? AND status != 'declined'"
+                            " AND synthetic = 0", (since,)).fetchone()[0]
     errors = conn.execute("SELECT count(*) FROM events WHERE kind = 'error' AND at >= ?", (since,)).fetchone()[0]
     attempts = n + sessions + errors
     replies = {
@@ -220,6 +225,10 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
         used = memory_info["MemTotal"] - memory_info["MemAvailable"]
         memory["used_percent"] = round(100 * used / memory_info["MemTotal"], 1)
 
+    versions = [{"version": row["version"], "participants": row["participants"],
+                 "first_served_at": row["first_served_at"], "current": row["version"] == study.version}
+                for row in store.study_versions(conn)]
+
     thresholds = {"memory_percent": cfg["memory_warn_percent"], "reply_seconds": cfg["reply_warn_seconds"],
                   "success_percent": cfg["success_warn_percent"]}
     return {
@@ -227,7 +236,8 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
         "cells": sorted(cells.values(), key=lambda c: (c["number"] is None, c["number"] or 0, c["cell"])),
         "totals": totals, "funnel": funnel, "problem_types": problem_types, "replies": replies,
         "timeline": timeline, "workers": workers, "memory": memory, "thresholds": thresholds,
-        "warnings": warnings(memory, replies, thresholds),
+        "versions": versions, "synthetic_left_out": synthetic,
+        "warnings": warnings(memory, replies, thresholds) + version_warnings(versions),
     }
 
 
@@ -236,7 +246,7 @@ def _timeline(conn: sqlite3.Connection, since: str) -> list[dict[str, Any]]:
     minutes: dict[str, dict[str, Any]] = {}
     for row in conn.execute(
             "WITH r AS (SELECT min(created_at) AS at, max(latency_ms) AS ms FROM messages WHERE sender = 'bot'"
-            " AND reply_to IS NOT NULL AND created_at >= ? GROUP BY reply_to)"
+            f" AND reply_to IS NOT NULL AND created_at >= ? AND {_REAL} GROUP BY reply_to)"
             " SELECT substr(at, 1, 16) AS minute, count(*) AS n, avg(ms) AS mean FROM r GROUP BY minute", (since,)):
         minutes[row["minute"]] = {"minute": row["minute"], "replies": row["n"], "errors": 0,
                                   "mean_ms": None if row["mean"] is None else round(row["mean"])}
@@ -245,6 +255,16 @@ def _timeline(conn: sqlite3.Connection, since: str) -> list[dict[str, Any]]:
         minutes.setdefault(row["minute"], {"minute": row["minute"], "replies": 0, "errors": 0, "mean_ms": None})
         minutes[row["minute"]]["errors"] = row["n"]
     return [minutes[key] for key in sorted(minutes)]
+
+
+def version_warnings(versions: list[dict[str, Any]]) -> list[str]:
+    """Participants who saw different versions of the study (combot.toml edited between two serves)."""
+    seen = [v for v in versions if v["participants"]]
+    if len(seen) < 2:
+        return []
+    counts = ", ".join(f"{v['version']}: {v['participants']}" for v in seen)
+    return [f"Participants span {len(seen)} versions of the study ({counts}); the export holds each version's"
+            " text in study/<version>.toml."]
 
 
 def warnings(memory: Mapping[str, Any], replies: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[str]:

@@ -74,11 +74,15 @@ def notify_ready() -> None:
         _ready_event.set()
 
 
-def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any = None) -> None:
+def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any = None,
+            study_env: dict[str, str] | None = None) -> None:
     global _ready_event
     from hypercorn.asyncio.run import asyncio_worker
 
     _ready_event = ready_event
+    # The study version the supervisor checked, handed over here rather than through the exec'd
+    # environment (whose single strings are limited to 128 KiB).
+    os.environ.update(study_env or {})
 
     # Hypercorn logs its own messages; Combot's get one handler of their own (not the root's, which
     # would print Hypercorn's twice).
@@ -92,7 +96,7 @@ def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any 
 
 
 def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
-    """Run the server until SIGTERM or SIGINT; returns the exit code."""
+    """Run the server until SIGTERM or SIGINT; returns the exit code. `study` is stamped (its version set)."""
     store.check_database(options.database)
     # Workers are fresh interpreters (spawn): they learn the study and database from the environment.
     if options.config_path:
@@ -103,9 +107,11 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     # user passed here win there too.
     for opt in OPTIONS:
         value = study.settings[f"{opt.section}.{opt.name}"]
-        os.environ[opt.env_name] = ",".join(value) if isinstance(value, list) else str(value)
+        os.environ[opt.env_name] = opt.to_env(value)
     os.environ["COMBOT_DB"] = str(options.database.resolve())
 
+    study_env = {"COMBOT_STUDY_TEXT": study.version_text, "COMBOT_STUDY_VERSION": study.version,
+                 "COMBOT_STUDY_HEAD_SHA256": study.head_sha256, "COMBOT_STUDY_ENCODER_SHA256": study.encoder_sha256}
     config = hypercorn_config(options)
     sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
@@ -129,7 +135,8 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
 
     def start_one() -> None:
         process = ctx.Process(target=_worker, kwargs={"config": config, "sockets": sockets,
-                                                      "shutdown_event": shutdown_event, "ready_event": first_ready},
+                                                      "shutdown_event": shutdown_event, "ready_event": first_ready,
+                                                      "study_env": study_env},
                               daemon=False)
         process.start()
         processes.append(process)

@@ -7,6 +7,7 @@ default, file, environment, flags the user actually passed.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -25,10 +26,32 @@ class Option:
     def env_name(self) -> str:
         return self.env or f"COMBOT_{self.name.upper()}"
 
+    def to_env(self, value: Any) -> str:
+        """The value as its environment variable carries it (what `convert` reads back)."""
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+        if isinstance(value, list):
+            return ",".join(value)
+        return str(value)
+
     def convert(self, value: Any, source: str) -> Any:
         """Coerce a value from the file or the environment into this option's type."""
         if value is None:
             return None
+        if self.kind is dict:
+            if isinstance(value, str) and value.strip().startswith("{"):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise ValueError(f"{self.name} is not valid JSON ({source})") from None
+            elif isinstance(value, str):  # from the environment or a flag: "A=Product,B=Delivery"
+                pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+                if not all(len(pair) == 2 for pair in pairs):
+                    raise ValueError(f"{self.name} must look like A=Product,B=Delivery ({source})")
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                return dict(value)
+            raise ValueError(f"{self.name} must be a table of names, e.g. {{ A = \"Product\" }} ({source})")
         if self.kind is list:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]
@@ -78,7 +101,10 @@ OPTIONS: tuple[Option, ...] = (
     # [classifier]
     Option("classifier", "model_dir", "", "Directory of the classifier (default: the bundled model)."),
     Option("classifier", "head", "", "A head trained with `combot train` to use instead of the shipped one."),
-    Option("classifier", "threshold", 0.4, "Top score below which the problem type becomes Other.", float),
+    Option("classifier", "labels", {}, "How the head's labels map to the study's problem types, e.g."
+           " { A = \"Product\" } (labels not named map to themselves).", dict, "COMBOT_CLASSIFIER_LABELS"),
+    Option("classifier", "threshold", 0.4, "Top score below which the problem type becomes the study's catch-all"
+           " (the last of [study] problem_types).", float),
     Option("classifier", "max_length", 128, "Tokens after which a message is truncated.", int),
     Option("classifier", "threads", 1, "Threads per inference (onnxruntime intra_op_num_threads).", int),
     # [llm] An OpenAI-compatible chat-completions service for paraphrase turns. The key is never a

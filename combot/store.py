@@ -86,7 +86,9 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["messages"].add_column("stage", str)
     db["messages"].add_column("expects", str)
     db["messages"].add_column("scores", str)
-    # Turns stored by an older Combot: what came next is read once from the replies they got.
+    # Turns stored by an older Combot: what came next is read once from the replies they got (through
+    # the reply_to index of v4, made here first: without it each row scans every message).
+    db["messages"].create_index(["reply_to"], if_not_exists=True)
     db.execute(
         "UPDATE messages SET expects = CASE"
         " WHEN EXISTS (SELECT 1 FROM messages r WHERE r.reply_to = messages.id AND r.kind = 'thanks') THEN 'done'"
@@ -96,7 +98,18 @@ def _v3(db: sqlite_utils.Database) -> None:
                " WHERE sender = 'participant'")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3)
+def _v4(db: sqlite_utils.Database) -> None:
+    """Which study version each participant saw, synthetic (bench, pilot) participants, and the
+    index every turn's `WHERE reply_to = ?` needs (it was a full scan of messages)."""
+    db["participants"].add_column("study_version", str)
+    db["participants"].add_column("synthetic", int, not_null_default=0)
+    db["messages"].create_index(["reply_to"], if_not_exists=True)
+    db["study_versions"].create({"version": str, "text": str, "combot_version": str, "head_sha256": str,
+                                 "encoder_sha256": str, "first_served_at": str},
+                                pk="version", not_null={"text", "first_served_at"})
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -197,6 +210,8 @@ def create_participant(
     active_minutes: float = 30,
     consented: bool = False,
     client_key: str | None = None,
+    study_version: str | None = None,
+    synthetic: bool = False,
 ) -> tuple[sqlite3.Row, bool]:
     """Assign a cell and store a new participant with the greeting, atomically across processes.
 
@@ -205,7 +220,8 @@ def create_participant(
     known `client_key` (a retry of this request) or a returning platform id gets its old row back
     (second value False) instead of a new draw; both are looked up inside the write lock, so
     concurrent retries in several worker processes still make one participant. A key that
-    declined earlier (then reloaded the consent page and agreed) becomes that same row's session.
+    declined earlier (then reloaded the consent page and agreed) becomes that same row's session. A
+    `synthetic` participant (bench, pilot) is stored like any other but counts towards no cell.
     """
     with transaction(conn):
         declined = None
@@ -227,11 +243,11 @@ def create_participant(
             conn.execute("DELETE FROM participants WHERE id = ?", (participant_id,))
         conn.execute(
             "INSERT INTO participants (id, token, cell, cell_number, factors, assignment, state, version, status,"
-            " turns, created_at, updated_at, user_agent, url_params, platform_id, consented_at, client_key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?, ?, ?)",
+            " turns, created_at, updated_at, user_agent, url_params, platform_id, consented_at, client_key,"
+            " study_version, synthetic) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'started', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (participant_id, token, label, number, json.dumps(dict(factors)), method, json.dumps(state), stamp, stamp,
              user_agent[:500], json.dumps(dict(url_params or {})), platform_id, stamp if consented else None,
-             client_key),
+             client_key, study_version, int(synthetic)),
         )
         _insert_messages(conn, participant_id, 0, greeting, None, stamp)
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
@@ -243,14 +259,15 @@ def cell_counts(conn: sqlite3.Connection, fill: str = "started", active_minutes:
 
     "started": everyone ever given the cell. "finished_or_active": those who finished plus those
     who wrote within the last `active_minutes`, so an abandoned session frees its slot. A decline
-    never has a cell and never counts.
+    never has a cell and never counts; nor does a synthetic participant (bench, pilot).
     """
     if fill == "finished_or_active":
         rows = conn.execute(
-            "SELECT cell, count(*) AS n FROM participants WHERE status = 'finished'"
-            " OR (status = 'started' AND updated_at >= ?) GROUP BY cell", (ago(active_minutes * 60),))
+            "SELECT cell, count(*) AS n FROM participants WHERE synthetic = 0 AND (status = 'finished'"
+            " OR (status = 'started' AND updated_at >= ?)) GROUP BY cell", (ago(active_minutes * 60),))
     else:
-        rows = conn.execute("SELECT cell, count(*) AS n FROM participants WHERE status != 'declined' GROUP BY cell")
+        rows = conn.execute("SELECT cell, count(*) AS n FROM participants WHERE status != 'declined'"
+                            " AND synthetic = 0 GROUP BY cell")
     return {row["cell"]: row["n"] for row in rows}
 
 
@@ -268,7 +285,8 @@ def participant_by_platform_id(conn: sqlite3.Connection, platform_id: str) -> sq
 
 def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str, user_agent: str = "",
                    url_params: Mapping[str, str] | None = None, platform_id: str | None = None,
-                   client_key: str | None = None) -> tuple[sqlite3.Row, bool]:
+                   client_key: str | None = None, study_version: str | None = None,
+                   synthetic: bool = False) -> tuple[sqlite3.Row, bool]:
     """A person who saw the consent page and declined: a row without a cell, so it fills none.
 
     A known `client_key` returns its row (second value False) and stores nothing; a key whose
@@ -284,16 +302,33 @@ def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str,
                 return existing, False
         conn.execute(
             "INSERT INTO participants (id, token, cell, factors, state, version, status, turns, created_at,"
-            " updated_at, user_agent, url_params, platform_id, client_key) VALUES (?, ?, '', '{}', '{}', 0,"
-            " 'declined', 0, ?, ?, ?, ?, ?, ?)",
+            " updated_at, user_agent, url_params, platform_id, client_key, study_version, synthetic) VALUES (?, ?,"
+            " '', '{}', '{}', 0, 'declined', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
             (participant_id, token, stamp, stamp, user_agent[:500], json.dumps(dict(url_params or {})), platform_id,
-             client_key))
+             client_key, study_version, int(synthetic)))
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
     return row, True
 
 
 def participant_by_client_key(conn: sqlite3.Connection, client_key: str) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM participants WHERE client_key = ?", (client_key,)).fetchone()
+
+
+def record_study_version(conn: sqlite3.Connection, *, version: str, text: str, combot_version: str,
+                         head_sha256: str, encoder_sha256: str) -> None:
+    """Keep the full text of a study version the first time it is served (later serves change nothing)."""
+    with transaction(conn):
+        conn.execute("INSERT OR IGNORE INTO study_versions (version, text, combot_version, head_sha256,"
+                     " encoder_sha256, first_served_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (version, text, combot_version, head_sha256, encoder_sha256, now()))
+
+
+def study_versions(conn: sqlite3.Connection, include_synthetic: bool = False) -> list[sqlite3.Row]:
+    """Every stored study version, oldest first, with how many participants (declines included) saw it."""
+    return conn.execute(
+        "SELECT v.*, (SELECT count(*) FROM participants p WHERE p.study_version = v.version"
+        " AND (? OR p.synthetic = 0)) AS participants FROM study_versions v ORDER BY v.first_served_at, v.version",
+        (int(include_synthetic),)).fetchall()
 
 
 def record_event(conn: sqlite3.Connection, kind: str, *, path: str = "", status: int | None = None,

@@ -84,6 +84,11 @@ class Study:
     completion_label: str = "Finish and return to the study platform"
     # Replies that decline to give an e-mail address (empty: an address is required).
     email_skip_words: tuple[str, ...] = ()
+    # Filled by `versioning.stamp` before a study is served or exported (empty until then).
+    version: str = ""
+    version_text: str = ""
+    head_sha256: str = ""
+    encoder_sha256: str = ""
 
     @property
     def catch_all(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from combot import admin, api, consent, monitor, store
+from combot import __version__, admin, api, consent, monitor, store, versioning
 from combot.errors import CombotError
 from combot.llm import create_llm
 from combot.middleware import RequestTimeout, SecurityHeaders
@@ -58,19 +59,37 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 
+def _served_study(config_path: str | None) -> Study:
+    """The study this worker serves: the version `serve` checked and stamped (COMBOT_STUDY_TEXT), so a
+    worker started later never reads a combot.toml edited since; else the file itself."""
+    shown = config_path or os.environ.get("COMBOT_CONFIG") or None
+    text = os.environ.get("COMBOT_STUDY_TEXT")
+    if not text:
+        return load_study(shown)
+    study = load_study(shown, source=text)
+    return dataclasses.replace(study, version=os.environ["COMBOT_STUDY_VERSION"], version_text=text,
+                               head_sha256=os.environ.get("COMBOT_STUDY_HEAD_SHA256", ""),
+                               encoder_sha256=os.environ.get("COMBOT_STUDY_ENCODER_SHA256", ""))
+
+
 # --- the factory ----------------------------------------------------------------------------------
 
 def create_app(config_path: str | None = None, database: str | None = None, study: Study | None = None) -> Starlette:
     """Build the app. Hypercorn workers call this by name (`combot.web:create_app()`): it reads
     COMBOT_CONFIG and COMBOT_DB when no arguments are given; nothing heavy happens until the lifespan."""
     if study is None:
-        study = load_study(config_path or os.environ.get("COMBOT_CONFIG") or None)
+        study = _served_study(config_path)
+    if not study.version:
+        study = versioning.stamp(study)
     db_path = database or study.settings["server.database"]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         handle = store.Store(db_path)
         await handle.open()
+        await handle.run(store.record_study_version, version=study.version, text=study.version_text,
+                         combot_version=__version__, head_sha256=study.head_sha256,
+                         encoder_sha256=study.encoder_sha256)
         loop = asyncio.get_running_loop()
         inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-classify")
         classifier = await loop.run_in_executor(inference, load_classifier, study)

@@ -96,7 +96,8 @@ def test_participants_have_one_row_each_with_factors_scores_and_times(filled: Ca
     rows = {r["participant_id"]: r for r in read_csv(tmp_path / "out" / "participants.csv")}
     assert list(rows["p1"]) == ["participant_id", "cell", "cell_number", "brand", "think", "feel", "problem_type",
                                 "score_A", "score_B", "score_C", "score_Other", "status", "consent", "started_at",
-                                "finished_at", "last_active_at", "seconds_spent", "turns", "assignment"]
+                                "finished_at", "last_active_at", "seconds_spent", "turns", "assignment",
+                                "study_version"]
     one = rows["p1"]
     assert one["cell"] == "-".join(one[f] for f in ("brand", "think", "feel"))
     assert 1 <= int(one["cell_number"]) <= 8

@@ -81,3 +81,46 @@ def test_a_bad_study_file_stops_serve_before_it_binds(tmp_path: Path) -> None:
     assert f"{bad}, line 2" in result.stderr and "followup_turns" in result.stderr
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_bench_against_a_live_study_with_consent_makes_only_synthetic_participants(
+        live_server: Callable[..., LiveServer], study_file: Callable[..., Path], tmp_path: Path) -> None:
+    study = study_file(replace={"enabled = false": "enabled = true"})
+    token = "token-of-the-live-study-0123456789"
+    server = live_server(workers=2, config=study, env={**os.environ, "COMBOT_ADMIN_TOKEN": token})
+    env = {k: v for k, v in os.environ.items() if k != "COMBOT_ADMIN_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "combot", "bench", "--url", server.url, "--admin-token", token,
+                             "--users", "3", "--no-llm"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3/3 finished" in result.stdout
+    with sqlite3.connect(server.database) as conn:
+        rows = conn.execute("SELECT synthetic, status, study_version FROM participants").fetchall()
+    assert len(rows) == 3 and {(r[0], r[1]) for r in rows} == {(1, "finished")}
+    from combot import versioning
+    from combot.study import load_study
+    assert {r[2] for r in rows} == {versioning.stamp(load_study(study, environ={})).version}
+
+
+def test_a_replacement_worker_serves_the_version_serve_checked_not_an_edited_file(
+        live_server: Callable[..., LiveServer], study_file: Callable[..., Path]) -> None:
+    study = study_file()
+    server = live_server(workers=1, config=study)
+    with httpx.Client(timeout=30) as client:
+        assert client.post(server.url + "api/sessions", json={}).status_code == 201
+        study.write_text(study.read_text().replace("followup_turns = 4", "followup_turns = 1"))
+        (victim,) = worker_pids(server)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = worker_pids(server)
+            if now and victim not in now:
+                try:
+                    if client.get(server.url + "healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        seen = walk_conversation(client, server.url)
+    assert len(seen["sent"]) == 5  # the first message and four follow-ups: the checked version, not the edit
+    with sqlite3.connect(server.database) as conn:
+        assert len({r[0] for r in conn.execute("SELECT study_version FROM participants")}) == 1
