@@ -54,16 +54,22 @@
     container.replaceChildren.apply(container, rows);
   }
 
+  // See admin.html: the cells table keeps its roles when a phone lays its rows out as grids.
+  function cellRole(node, role) {
+    node.setAttribute("role", role || "cell");
+    return node;
+  }
+
   function drawCells(cells) {
     var max = cells.reduce(function (m, c) { return Math.max(m, c.started); }, 0) || 1;
     var rows = cells.map(function (c) {
-      var tr = make("tr");
-      tr.appendChild(make("td", "num", c.number === null ? "" : c.number));
-      tr.appendChild(make("td", "cell", c.cell || "(none)"));
+      var tr = cellRole(make("tr"), "row");
+      tr.appendChild(cellRole(make("td", "num", c.number === null ? "" : c.number)));
+      tr.appendChild(cellRole(make("td", "cell", c.cell || "(none)")));
       ["started", "finished", "active", "abandoned"].forEach(function (k) {
-        tr.appendChild(make("td", "num count-" + k, c[k]));
+        tr.appendChild(cellRole(make("td", "num count-" + k, c[k])));
       });
-      var td = make("td", "bars");
+      var td = cellRole(make("td", "bars"));
       var track = make("span", "stack");
       track.appendChild(bar("bar--finished", c.finished / max, c.finished + " finished"));
       track.appendChild(bar("bar--active", c.active / max, c.active + " chatting"));
