@@ -2,6 +2,9 @@
  *   POST /api/sessions              start (or resume) a conversation; the page's query string is forwarded
  *   GET  /api/sessions/{id}         the transcript so far, so a refresh or a reopened tab resumes
  *   POST /api/sessions/{id}/messages  one participant message -> the bot's replies
+ * Creating a session or a decline carries this tab's client_key (kept in sessionStorage), so a retry
+ * or a reload never makes a second participant. Each message carries the turn the page showed; a
+ * 409 means another tab moved the conversation on: the page shows it as it is and keeps the text.
  * Every text from the server or the participant goes into the page with textContent, never as HTML;
  * the survey link is built as an element and only gets an http(s) href.
  */
@@ -10,6 +13,8 @@
 
   // The session is remembered per study URL (path + query), so a different study link starts afresh.
   var STORAGE_KEY = "combot:session:" + location.pathname + location.search;
+  // This tab's idempotency key for starting (or declining): sessionStorage, so a reload reuses it.
+  var CLIENT_KEY_STORAGE = "combot:client-key:" + location.pathname + location.search;
   // Waits between automatic retries of a request that failed on the network or with a 5xx.
   var RETRY_DELAYS_MS = [800, 1600, 3200, 6400];
   // The server answers 503 itself when a reply takes too long; this only catches a connection that hangs.
@@ -57,7 +62,9 @@
     failed: null, // the message that could not be sent: {id, text, row}
     noticeHandler: null,
     declinedText: "",
-    redirectTimer: null
+    redirectTimer: null,
+    turn: null, // the turn number the server expects next, as this page last heard it
+    clientKey: null
   };
 
   // --- small helpers ------------------------------------------------------------------------------
@@ -111,6 +118,20 @@
         if (value) store.setItem(STORAGE_KEY, value); else store.removeItem(STORAGE_KEY);
       } catch (e) { /* see storageGet */ }
     });
+  }
+
+  function clientKey() {
+    if (state.clientKey) return state.clientKey;
+    try {
+      state.clientKey = window.sessionStorage.getItem(CLIENT_KEY_STORAGE);
+    } catch (e) { /* see storageGet: the key then lives as long as the page */ }
+    if (!state.clientKey || !/^[A-Za-z0-9_-]{16,100}$/.test(state.clientKey)) {
+      state.clientKey = newMessageId();
+      try {
+        window.sessionStorage.setItem(CLIENT_KEY_STORAGE, state.clientKey);
+      } catch (e) { /* see above */ }
+    }
+    return state.clientKey;
   }
 
   function safeHttpUrl(raw) {
@@ -252,12 +273,22 @@
       ? data.max_message_chars : DEFAULT_MAX_CHARS;
     applyBot(data.bot);
     el.loading.hidden = true;
+    renderConversation(data);
+  }
+
+  // The transcript, what comes next and the turn, from a session answer or a 409's body.
+  function renderConversation(data) {
     el.log.replaceChildren();
     (Array.isArray(data.messages) ? data.messages : []).forEach(function (m) {
       if (m && typeof m === "object") addMessage(m.from === "participant" ? "participant" : "bot", m.text, m.link);
     });
     state.failed = null;
+    setTurn(data.turn);
     setExpects(data.expects, data.redirect);
+  }
+
+  function setTurn(turn) {
+    state.turn = Number.isInteger(turn) && turn >= 0 ? turn : null;
   }
 
   // --- the composer -------------------------------------------------------------------------------
@@ -387,9 +418,10 @@
 
   // --- HTTP ---------------------------------------------------------------------------------------
 
-  function ApiError(status, message) {
+  function ApiError(status, message, data) {
     this.status = status; // 0 for a network failure
     this.message = message || "";
+    this.data = data && typeof data === "object" ? data : null;
   }
 
   function request(method, path, body) {
@@ -404,7 +436,7 @@
     return fetch(path, options).then(function (response) {
       return response.json().catch(function () { return null; }).then(function (data) {
         if (!response.ok) {
-          throw new ApiError(response.status, data && typeof data.error === "string" ? data.error : "");
+          throw new ApiError(response.status, data && typeof data.error === "string" ? data.error : "", data);
         }
         // A 2xx without a JSON object (a proxy's error page) counts as a server error worth retrying.
         if (!data || typeof data !== "object") throw new ApiError(502, "");
@@ -458,7 +490,9 @@
     }
     try {
       // The query string (PROLIFIC_PID, STUDY_ID, ...) goes along as it is; the server keeps what it needs.
-      var created = await withRetry(function () { return request("POST", "api/sessions" + location.search, {}); });
+      var created = await withRetry(function () {
+        return request("POST", "api/sessions" + location.search, { client_key: clientKey() });
+      });
       renderSession(created.data);
       focusInput();
     } catch (error) {
@@ -504,7 +538,7 @@
     setConsentBusy(true);
     try {
       var created = await withRetry(function () {
-        return request("POST", "api/sessions" + location.search, { consent: true });
+        return request("POST", "api/sessions" + location.search, { consent: true, client_key: clientKey() });
       });
       el.consent.hidden = true;
       renderSession(created.data);
@@ -520,7 +554,9 @@
     hideNotice();
     setConsentBusy(true);
     try {
-      var answer = await withRetry(function () { return request("POST", "api/declines" + location.search, {}); });
+      var answer = await withRetry(function () {
+        return request("POST", "api/declines" + location.search, { client_key: clientKey() });
+      });
       el.consent.hidden = true;
       el.declined.textContent = typeof answer.data.text === "string" && answer.data.text
         ? answer.data.text : state.declinedText || "Thank you. You can close this page now.";
@@ -567,7 +603,8 @@
     }
     hideNotice();
     input.value = "";
-    var pending = { id: newMessageId(), text: text, row: addMessage("participant", text) };
+    // The turn goes with the message: the server refuses it if the conversation has moved on since.
+    var pending = { id: newMessageId(), text: text, turn: state.turn, row: addMessage("participant", text) };
     updateComposer();
     await deliver(pending);
   }
@@ -584,16 +621,18 @@
     setBusy(true);
     pending.row.classList.add("msg--sending");
     try {
-      var answer = await withRetry(function () {
-        return request("POST", sessionPath("/messages"), { text: pending.text, client_message_id: pending.id });
-      });
+      var body = { text: pending.text, client_message_id: pending.id };
+      if (pending.turn !== null) body.turn = pending.turn;
+      var answer = await withRetry(function () { return request("POST", sessionPath("/messages"), body); });
       pending.row.classList.remove("msg--sending");
       setBusy(false);
       var replies = Array.isArray(answer.data.replies) ? answer.data.replies : [];
       replies.forEach(function (r) {
         if (r && typeof r === "object") addMessage("bot", r.text, r.link);
       });
+      setTurn(answer.data.turn);
       setExpects(answer.data.expects, answer.data.redirect);
+      announce();
     } catch (error) {
       pending.row.classList.remove("msg--sending");
       setBusy(false);
@@ -606,7 +645,7 @@
     var status = error instanceof ApiError ? error.status : -1;
     if (status === 409) {
       // The conversation moved on elsewhere (another tab, or it has ended): show what the server has.
-      return reloadTranscript(pending);
+      return reloadTranscript(pending, error.data);
     }
     if (status === 400 || status === 413 || status === 422 || status === 429) {
       pending.row.remove();
@@ -642,15 +681,19 @@
     return /[.!?]$/.test(text) ? text : text + ".";
   }
 
-  async function reloadTranscript(pending) {
+  async function reloadTranscript(pending, conflict) {
     try {
-      var answer = await withRetry(function () { return request("GET", sessionPath()); });
-      renderSession(answer.data);
-      var sent = Array.prototype.slice.call(el.log.querySelectorAll(".msg--participant .bubble__text"));
-      var last = sent.length ? sent[sent.length - 1].textContent : null;
-      if (last !== pending.text && state.expects !== "done") {
+      if (conflict && Array.isArray(conflict.messages)) {
+        // The 409 carries the conversation as it is now: no second request needed.
+        renderConversation(conflict);
+      } else {
+        renderSession((await withRetry(function () { return request("GET", sessionPath()); })).data);
+      }
+      // A 409 is never stored (a repeat of a stored message is answered 200), so the text goes back.
+      if (state.expects !== "done") {
         restoreText(pending.text);
-        showNotice("This conversation changed in another window, so it has been reloaded. Your message is back in the box below.");
+        showNotice("This conversation moved on in another window, so it is shown here as it is now. " +
+          "Your message was not sent: it is back in the box below.");
       }
     } catch (error) {
       state.failed = pending;
@@ -661,6 +704,53 @@
       });
     }
   }
+
+  // --- keeping tabs of one session in step ------------------------------------------------------------
+
+  // Another tab of this study sends a message: this one hears of it at once (BroadcastChannel), and
+  // looks again whenever it is shown or focused, so it never offers a question that has been answered.
+  var channel = null;
+  try {
+    channel = typeof BroadcastChannel === "function" ? new BroadcastChannel(STORAGE_KEY) : null;
+  } catch (e) { channel = null; }
+
+  function announce() {
+    if (channel && state.sessionId) {
+      try { channel.postMessage({ session: state.sessionId, turn: state.turn }); } catch (e) { /* closed */ }
+    }
+  }
+
+  var resyncing = false;
+
+  async function resync() {
+    if (resyncing || state.busy || !state.sessionId || state.expects === "done") return;
+    resyncing = true;
+    try {
+      var answer = await request("GET", sessionPath());
+      if (state.busy) return; // a message went out meanwhile: its own answer updates the page
+      var data = answer.data;
+      if (data.turn === state.turn && data.expects === state.expects) return;
+      var failed = state.failed;
+      renderSession(data);
+      if (failed && state.expects !== "done") restoreText(failed.text);
+      showNotice("This conversation continued in another window, so it is shown here as it is now.");
+    } catch (error) {
+      /* offline or gone: the next message finds out and says so */
+    } finally {
+      resyncing = false;
+    }
+  }
+
+  if (channel) {
+    channel.onmessage = function (event) {
+      var data = event.data;
+      if (data && data.session === state.sessionId && data.turn !== state.turn) resync();
+    };
+  }
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "visible") resync();
+  });
+  window.addEventListener("focus", resync);
 
   // --- events -------------------------------------------------------------------------------------
 
