@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ import httpx
 
 from combot import synthetic
 
-# The original system's published 30-user result (see the project's seed report).
 # The admin token of the server `combot bench` starts itself (a throw-away database).
 LOCAL_ADMIN_TOKEN = "bench"
+# The original system's published 30-user result (see the project's seed report).
 ORIGINAL = {"users": 30, "mean_s": 16.5, "p95_s": 20.0, "max_s": 21.75, "memory_gb": 3.5}
 
 COMPLAINTS = [
@@ -69,7 +70,6 @@ class Participant:
     session_id: str = ""
     sent: list[str] = field(default_factory=list)
     received: list[str] = field(default_factory=list)
-    timings: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     finished: bool = False
 
@@ -81,13 +81,15 @@ class Progress:
     failed: int = 0
     started_at: float = field(default_factory=time.monotonic)
     show: bool = True
+    shown_at: float = 0.0
 
     def update(self, ok: bool) -> None:
         if ok:
             self.finished += 1
         else:
             self.failed += 1
-        if self.show:
+        if self.show and (time.monotonic() - self.shown_at > 0.25 or self.finished + self.failed == self.total):
+            self.shown_at = time.monotonic()
             done = self.finished + self.failed
             width = 30
             filled = int(width * done / max(self.total, 1)) if self.total else width
@@ -100,38 +102,201 @@ class Progress:
             sys.stderr.write("\n")
 
 
-async def _post(client: httpx.AsyncClient, url: str, body: dict[str, Any], kind: str, person: Participant,
-                params: dict[str, str] | None = None) -> dict[str, Any]:
+class Histogram:
+    """Reply times in fixed log-spaced buckets (1% wide, 0.1 ms to ~17 min): a 5,000-participant
+    run keeps a few kilobytes per kind of turn instead of every sample; percentiles are within 1%."""
+
+    RATIO = 1.01
+    LOW = 1e-4
+    BUCKETS = 1620
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BUCKETS
+        self.count = 0
+        self.total = 0.0
+        self.max = float("nan")
+
+    def add(self, seconds: float) -> None:
+        index = 0 if seconds <= self.LOW else min(self.BUCKETS - 1, 1 + int(math.log(seconds / self.LOW, self.RATIO)))
+        self.counts[index] += 1
+        self.count += 1
+        self.total += seconds
+        self.max = seconds if self.count == 1 else max(self.max, seconds)
+
+    def merge(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        if other.count:
+            self.max = other.max if not self.count else max(self.max, other.max)
+        self.count += other.count
+        self.total += other.total
+
+    def percentile(self, q: float) -> float:
+        if not self.count:
+            return float("nan")
+        rank = q / 100 * (self.count - 1)
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen > rank:
+                if index == 0:
+                    return self.LOW
+                # the middle of the bucket (geometric), never beyond the largest sample
+                return min(self.max, self.LOW * self.RATIO ** (index - 0.5))
+        return self.max
+
+    def summary(self) -> dict[str, float]:
+        return {"count": self.count, "p50": self.percentile(50), "p95": self.percentile(95),
+                "p99": self.percentile(99), "max": self.max,
+                "mean": self.total / self.count if self.count else float("nan")}
+
+
+class Connection:
+    """One simulated participant's keep-alive HTTP/1.1 connection, as a browser tab holds one.
+
+    A few lines over asyncio streams instead of an HTTP library: at 5,000 participants the load
+    generator shares the server's cores, and every millisecond of its CPU per request would be
+    measured as the server's latency (httpx costs several times more per request, and its pool
+    grows with the square of its connections, encode/httpcore#1035).
+    """
+
+    def __init__(self, base: str, timeout: float = 120.0, headers: dict[str, str] | None = None):
+        parts = urllib.parse.urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = parts.scheme == "https"
+        self.prefix = parts.path.rstrip("/")
+        self.authority = parts.netloc.rsplit("@", 1)[-1]
+        self.timeout = timeout
+        self.headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._used = False
+
+    def request(self, path: str, body: dict[str, Any] | None) -> bytes:
+        """A POST of a JSON body (a GET without one), ready to write: built before a barrier, so
+        sending costs nothing."""
+        start = f"{'GET' if body is None else 'POST'} {self.prefix}/{path.lstrip('/')} HTTP/1.1\r\n"
+        head = f"Host: {self.authority}\r\n{self.headers}"
+        if body is None:
+            return (start + head + "\r\n").encode()
+        payload = json.dumps(body).encode()
+        return (start + head + f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                ).encode() + payload
+
+    async def send(self, raw: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            if self._writer is None:
+                self._reader, self._writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port, ssl=self.tls or None), self.timeout)
+                self._used = False
+            reused = self._used
+            try:
+                self._writer.write(raw)
+                return await asyncio.wait_for(self._response(), self.timeout)
+            except (ConnectionError, asyncio.IncompleteReadError) as error:
+                self.close()
+                # A kept-alive connection the server closed meanwhile (its keep-alive timeout, a
+                # recycled worker): the request never reached it, so it is sent once more.
+                if not reused or attempt == 2 or (isinstance(error, asyncio.IncompleteReadError) and error.partial):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _response(self) -> tuple[int, bytes]:
+        assert self._reader is not None
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        self._used = True
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            body = await self._reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunks.append(await self._reader.readexactly(size + 2))
+                if size == 0:
+                    await self._reader.readuntil(b"\r\n") if chunks[-1] != b"\r\n" else None
+                    break
+            body = b"".join(chunk[:-2] for chunk in chunks)
+        else:
+            body = await self._reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+@dataclass
+class Load:
+    """What every simulated participant of one run adds to: reply times, and when the barrier let go."""
+
+    timings: dict[str, Histogram] = field(default_factory=dict)
+    released_at: float = 0.0
+    last_sent_at: float = 0.0
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.timings.setdefault(kind, Histogram()).add(seconds)
+
+
+async def _post(conn: Connection, load: Load, raw: bytes, kind: str) -> dict[str, Any]:
     started = time.perf_counter()
-    response = await client.post(url, json=body, params=params)
+    status, body = await conn.send(raw)
     elapsed = time.perf_counter() - started
-    if response.status_code not in (200, 201):
-        raise RuntimeError(f"{kind}: HTTP {response.status_code} {response.text[:200]}")
-    person.timings.append((kind, elapsed))
-    return response.json()  # type: ignore[no-any-return]
+    if status not in (200, 201):
+        raise RuntimeError(f"{kind}: HTTP {status} {body[:200].decode('utf-8', 'replace')}")
+    load.record(kind, elapsed)
+    return json.loads(body)  # type: ignore[no-any-return]
 
 
-async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_time: float, mode: str,
-               index: int, start_body: dict[str, Any] | None = None) -> Participant:
-    """One participant through the study, timing each reply by kind of turn."""
+async def walk(conn: Connection, load: Load, rng: random.Random, think_time: float, mode: str, index: int,
+               barrier: asyncio.Barrier | None = None, start_body: dict[str, Any] | None = None) -> Participant:
+    """One participant through the study, timing each reply by kind of turn.
+
+    With a barrier, the participant creates its session, builds its first message and waits until
+    every participant has done so; then all first messages go out at the same instant (as the
+    original test did), and the send times are recorded to show how close together they left.
+    """
     person = Participant()
 
     async def pause() -> None:
         if think_time > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * think_time)
 
+    text = rng.choice(COMPLAINTS)[1]
     try:
-        session = await _post(client, base + "api/sessions", start_body or {}, "start", person,
-                              params={"PROLIFIC_PID": f"bench-{os.getpid()}-{index}-{rng.getrandbits(32):x}"})
-        person.session_id = session["session_id"]
-        person.received += [m["text"] for m in session["messages"]]
-        url = f"{base}api/sessions/{person.session_id}/messages"
+        ready: bytes | None = None
+        try:
+            pid = f"bench-{os.getpid()}-{index}-{rng.getrandbits(32):x}"
+            session = await _post(conn, load, conn.request(f"api/sessions?PROLIFIC_PID={pid}", start_body or {}),
+                                  "start")
+            person.session_id = session["session_id"]
+            person.received += [m["text"] for m in session["messages"]]
+            path = f"api/sessions/{person.session_id}/messages"
+            ready = conn.request(path, {"text": text, "client_message_id": "b0"})
+        finally:
+            if barrier is not None:
+                await barrier.wait()  # a failed start still arrives, or the others would wait forever
+                moment = time.perf_counter()
+                load.released_at = min(load.released_at or moment, moment)
+                load.last_sent_at = max(load.last_sent_at, moment)
         expects, turn = session["expects"], 0
-        text = rng.choice(COMPLAINTS)[1]
         kind = "first message"
         while expects == "message":
-            await pause()
-            answer = await _post(client, url, {"text": text, "client_message_id": f"b{turn}"}, kind, person)
+            if ready is None:
+                await pause()
+            raw, ready = ready or conn.request(path, {"text": text, "client_message_id": f"b{turn}"}), None
+            answer = await _post(conn, load, raw, kind)
             person.sent.append(text)
             person.received += [r["text"] for r in answer["replies"]]
             expects = answer["expects"]
@@ -144,7 +309,8 @@ async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_t
         if expects == "email":
             await pause()
             address = f"participant{index}@example.com"
-            answer = await _post(client, url, {"text": address, "client_message_id": "email"}, "e-mail", person)
+            answer = await _post(conn, load, conn.request(path, {"text": address, "client_message_id": "email"}),
+                                 "e-mail")
             person.sent.append(address)
             person.received += [r["text"] for r in answer["replies"]]
             expects = answer["expects"]
@@ -157,70 +323,56 @@ async def walk(client: httpx.AsyncClient, base: str, rng: random.Random, think_t
 
 
 async def run_load(base: str, users: int, think_time: float, mode: str, duration: float, seed: int,
-                   show_progress: bool = True, admin_token: str = "") -> tuple[list[Participant], float]:
+                   show_progress: bool = True, admin_token: str = "") -> tuple[list[Participant], float, Load]:
     """Run the participants; with the study's admin token, every one is marked synthetic (see
     combot.synthetic), so they count towards no cell and stay out of the dashboard and export."""
-    # Several small connection pools: httpx's pool does work that grows with the square of its
-    # connections on every request (encode/httpcore#1035), so one big pool would measure itself.
-    per_pool = 8
-    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-    timeout = httpx.Timeout(120.0)
     rng = random.Random(seed)
     progress = Progress(users if duration <= 0 else 0, show=show_progress)
     people: list[Participant] = []
+    load = Load()
+    barrier = asyncio.Barrier(users) if mode == "first-message" else None
     started = time.monotonic()
     marks = synthetic.headers(admin_token) if admin_token else {}
-    clients = [httpx.AsyncClient(limits=limits, timeout=timeout, headers=marks)
-               for _ in range((users + per_pool - 1) // per_pool)]
-    try:
-        # A study with a consent page starts only with {"consent": true}.
-        consent = (await clients[0].get(base + "api/consent")).json().get("enabled", False)
-        start_body = {"consent": True} if consent else {}
-        async def one(index: int) -> None:
-            local = random.Random(rng.getrandbits(64))
-            client = clients[index // per_pool]
-            # Arrivals are spread over the first think-time so they do not all land in the same millisecond.
-            if think_time > 0:
-                await asyncio.sleep(local.uniform(0, think_time))
-            while True:
-                person = await walk(client, base, local, think_time, mode, index, start_body)
-                people.append(person)
-                progress.update(person.error is None)
-                if duration <= 0 or time.monotonic() - started >= duration:
-                    return
+    connections = [Connection(base, headers=marks) for _ in range(users)]
+    # A study with a consent page starts only with {"consent": true}.
+    status, answer = await connections[0].send(connections[0].request("api/consent", None))
+    consent = status == 200 and json.loads(answer).get("enabled", False)
+    start_body = {"consent": True} if consent else {}
 
+    async def one(index: int) -> None:
+        local = random.Random(rng.getrandbits(64))
+        # With think time, arrivals are spread over the first think-time; in first-message mode
+        # everyone starts at once and the barrier lines the first messages up.
+        if think_time > 0 and mode != "first-message":
+            await asyncio.sleep(local.uniform(0, think_time))
+        first = True
+        while True:
+            person = await walk(connections[index], load, local, think_time, mode, index, barrier if first else None,
+                                start_body)
+            first = False
+            people.append(person)
+            progress.update(person.error is None)
+            if duration <= 0 or time.monotonic() - started >= duration:
+                return
+
+    try:
         await asyncio.gather(*(one(i) for i in range(users)))
     finally:
-        for client in clients:
-            await client.aclose()
+        for conn in connections:
+            conn.close()
     progress.close()
-    return people, time.monotonic() - started
+    return people, time.monotonic() - started, load
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarise(people: list[Participant], elapsed: float) -> dict[str, Any]:
-    by_kind: dict[str, list[float]] = {}
-    for person in people:
-        for kind, seconds in person.timings:
-            by_kind.setdefault(kind, []).append(seconds)
-    every = [s for kind, values in by_kind.items() if kind != "start" for s in values]
-    table = {}
-    for kind, values in list(by_kind.items()) + [("every reply", every)]:
-        table[kind] = {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-                       "p99": percentile(values, 99), "max": max(values) if values else float("nan"),
-                       "mean": statistics.fmean(values) if values else float("nan")}
+def summarise(people: list[Participant], elapsed: float, load: Load) -> dict[str, Any]:
+    every = Histogram()
+    for kind, histogram in load.timings.items():
+        if kind != "start":
+            every.merge(histogram)
+    table = {kind: histogram.summary() for kind, histogram in [*load.timings.items(), ("every reply", every)]}
     ok = [p for p in people if p.error is None]
-    replies = sum(len(p.timings) for p in people)
-    return {
+    replies = sum(h.count for h in load.timings.values())
+    report = {
         "participants": len(people),
         "succeeded": len(ok),
         "failed": len(people) - len(ok),
@@ -231,6 +383,10 @@ def summarise(people: list[Participant], elapsed: float) -> dict[str, Any]:
         "participants_per_min": len(ok) / elapsed * 60 if elapsed else 0.0,
         "latency": table,
     }
+    if load.released_at:
+        # How far apart the barrier's first messages left the client: 0 would be the same instant.
+        report["first_messages_sent_within_ms"] = (load.last_sent_at - load.released_at) * 1000
+    return report
 
 
 # --- the server under test -----------------------------------------------------------------------
@@ -278,9 +434,16 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start in 120 s:\n" + (workdir / "server.log").read_text())
             time.sleep(0.2)
-        # Every worker loads its model lazily at start; wait until all answer.
-        for _ in range(workers * 4):
-            httpx.get(url + "healthz", timeout=10)
+        # The supervisor starts one worker, then the rest: wait until every worker has answered (each
+        # health check on a new connection, which any worker may accept), so no cold start is timed.
+        answered: set[int] = set()
+        while len(answered) < workers and time.monotonic() < deadline:
+            try:
+                answer = httpx.get(url + "healthz", timeout=10, headers={"Connection": "close"})
+                if answer.status_code == 200:
+                    answered.add(int(answer.json()["pid"]))
+            except (httpx.HTTPError, ValueError, KeyError):
+                time.sleep(0.2)
         yield url, database, process
     finally:
         process.terminate()
@@ -381,6 +544,7 @@ class BenchOptions:
     seed: int = 1
     progress: bool = True
     admin_token: str = ""  # of the study at `url`: marks its simulated participants synthetic
+    server_env: dict[str, str] = field(default_factory=dict)  # e.g. PYTHONPATH of another checkout (bench/ab.py)
 
 
 def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -392,25 +556,30 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                 say(f"{users} participants ({options.mode}, think time {options.think_time} s, "
                     f"{'LLM ' + str(options.llm_latency) + ' s' if llm_env else 'offline paraphraser'}):")
                 if options.url:
-                    people, elapsed = asyncio.run(run_load(options.url.rstrip("/") + "/", users, options.think_time,
-                                                           options.mode, options.duration, options.seed, options.progress,
-                                                           options.admin_token))
-                    level = summarise(people, elapsed)
+                    level = _measure(options.url.rstrip("/") + "/", users, options, options.admin_token)
                 else:
                     workdir = Path(tmp) / f"level-{users}"
                     workdir.mkdir()
-                    with local_server(options.workers, options.config_path, llm_env, workdir) as (url, db, process):
-                        people, elapsed = asyncio.run(run_load(url, users, options.think_time, options.mode,
-                                                               options.duration, options.seed, options.progress,
-                                                               LOCAL_ADMIN_TOKEN))
-                        level = summarise(people, elapsed)
+                    with local_server(options.workers, options.config_path, {**llm_env, **options.server_env}, workdir) as (url, db, process):
+                        level = _measure(url, users, options, LOCAL_ADMIN_TOKEN)
                         level["memory"] = memory(process.pid)
-                    level["data"] = verify(db, people)
+                    level["data"] = verify(db, level.pop("people"))
                     if level["data"]["messages_missing"]:
                         level["failed"] += 1
+                level.pop("people", None)
                 level["users"] = users
                 levels.append(level)
     return {"options": options.__dict__, "levels": levels, "original": ORIGINAL}
+
+
+def _measure(base: str, users: int, options: BenchOptions, admin_token: str) -> dict[str, Any]:
+    cpu = time.process_time()
+    people, elapsed, load = asyncio.run(run_load(base, users, options.think_time, options.mode, options.duration,
+                                                 options.seed, options.progress, admin_token))
+    level = summarise(people, elapsed, load)
+    level["client_cpu_s"] = time.process_time() - cpu  # the load generator's own share of the cores
+    level["people"] = people
+    return level
 
 
 @contextmanager
@@ -430,7 +599,11 @@ def format_report(report: dict[str, Any]) -> str:
     for level in report["levels"]:
         lines.append(f"\n{level['users']} participants: {level['succeeded']}/{level['participants']} finished "
                      f"({level['success_rate']:.0%}), {level['replies_per_s']:.1f} replies/s, "
-                     f"{level['participants_per_min']:.1f} participants/min, {level['seconds']:.1f} s")
+                     f"{level['participants_per_min']:.1f} participants/min, {level['seconds']:.1f} s"
+                     + (f" (client CPU {level['client_cpu_s']:.1f} s)" if "client_cpu_s" in level else ""))
+        if "first_messages_sent_within_ms" in level:
+            lines.append(f"  all {level['users']} first messages sent within "
+                         f"{level['first_messages_sent_within_ms']:.1f} ms of each other (after every session existed)")
         lines.append(f"  {'turn':<14}{'count':>7}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}")
         for kind, row in level["latency"].items():
             lines.append(f"  {kind:<14}{row['count']:>7}" + "".join(

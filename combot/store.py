@@ -123,8 +123,50 @@ def connect(path: str | Path) -> sqlite3.Connection:
     # commit, so an acknowledged message survives an OS crash.
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    migrate(conn)
+    # Through the writers' lock: under load the other processes' writers hand the lock straight to
+    # each other, and SQLite's own busy handler (sleep and retry) would never get a turn, so a worker
+    # (re)started during a busy study failed its start-up with "database is locked".
+    lock = WriteLock(path)
+    try:
+        lock.acquire()
+        try:
+            migrate(conn)
+        finally:
+            lock.release()
+    finally:
+        lock.close()
     return conn
+
+
+class WriteLock:
+    """Every process's writer takes turns through this lock, fairly, woken the moment it is free.
+
+    Two flocks, both waited for in the kernel: the `.lock-queue` file admits one waiter at a time
+    to wait for the `.lock` file itself, which the writers hold for one transaction each. The holder
+    cannot take `.lock` again while someone waits for it, because to wait it must first get through
+    the queue, which that waiter holds: so the lock passes to another process at every release
+    (one flock alone let the busiest process re-take it at once, every time, and the others' writes
+    timed out: bench/write_lock.py). A dead process's flocks are released by the kernel. A holder
+    keeps `.lock` for one transaction, bounded by SQLite's busy timeout.
+    """
+
+    def __init__(self, path: str | Path):
+        self._queue = open(f"{path}.lock-queue", "a+b")
+        self._lock = open(f"{path}.lock", "a+b")
+
+    def acquire(self) -> None:
+        fcntl.flock(self._queue, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(self._queue, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._queue.close()
+        self._lock.close()
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -492,7 +534,7 @@ class Store:
     waiting, runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE` transaction, and answers
     them all only after the COMMIT: one fsync for many messages, each still on disk before its
     reply is sent. A write that fails rolls back alone. Across processes the writers take turns
-    through an flock on `<database>.lock`, which wakes the next one the moment it is free (SQLite's
+    through `WriteLock`, fairly, and the kernel wakes the next one the moment it is free (SQLite's
     own busy handler polls with sleeps).
     """
 
@@ -543,7 +585,7 @@ class Store:
     def _write_loop(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
             conn = connect(self.path)
-            lock = open(f"{self.path}.lock", "a+b")
+            lock = WriteLock(self.path)
         except BaseException as error:
             loop.call_soon_threadsafe(ready.set_exception, error)
             return
@@ -564,7 +606,7 @@ class Store:
                         stop = True
                         break
                     batch.append(more)
-                self._commit(conn, lock.fileno(), batch)
+                self._commit(conn, lock, batch)
                 if stop:
                     return
         finally:
@@ -572,20 +614,23 @@ class Store:
             lock.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, lock: int, batch: list[_Job]) -> None:
+    def _commit(conn: sqlite3.Connection, lock: WriteLock, batch: list[_Job]) -> None:
         # A write that has waited longer than the busy timeout (the database was locked by something
         # else for long) gets its 503 now rather than after waiting its turn again.
         patience = BUSY_TIMEOUT_MS / 1000
-        stale = [job for job in batch if time.monotonic() - job.queued_at > patience]
-        for job in stale:
-            job.settle(error=sqlite3.OperationalError("database is locked: waited too long for the write lock"))
-        batch = [job for job in batch if job not in stale]
+        batch = _fresh(batch, patience)
         if not batch:
             return
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            _lock_within(lock, min(job.queued_at for job in batch) + patience)
+            # Waited for in the kernel, which wakes the next writer the moment the holder unlocks
+            # (polling with sleeps wasted up to a sleep at every hand-off). Writes that waited past
+            # the busy timeout meanwhile get their 503 here.
+            lock.acquire()
             try:
+                batch = _fresh(batch, patience)
+                if not batch:
+                    return
                 with transaction(conn):
                     for job in batch:
                         conn.execute("SAVEPOINT job")
@@ -601,7 +646,7 @@ class Store:
                             conn.execute("RELEASE job")
                             outcomes.append((job, value, None))
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.release()
         except BaseException as error:
             # BEGIN or COMMIT failed (locked for too long, disk full): nothing of the batch is stored.
             outcomes = [(job, None, error) for job in batch]
@@ -609,18 +654,16 @@ class Store:
             job.settle(value, failure)
 
 
-def _lock_within(lock: int, deadline: float) -> None:
-    """Take the cross-process write lock, or raise 'database is locked' (a 503) at the deadline."""
-    pause = 0.0005
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise sqlite3.OperationalError("database is locked: waited too long for the write lock") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.004)
+def _fresh(batch: list[_Job], patience: float) -> list[_Job]:
+    """The jobs that have not waited past the busy timeout; the others get their 503 now."""
+    moment = time.monotonic()
+    fresh = []
+    for job in batch:
+        if moment - job.queued_at > patience:
+            job.settle(error=sqlite3.OperationalError("database is locked: waited too long for the write lock"))
+        else:
+            fresh.append(job)
+    return fresh
 
 
 class _unavailable_on_busy:

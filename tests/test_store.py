@@ -171,3 +171,73 @@ def test_upgrading_a_version_2_database_stores_what_each_old_turn_expected(tmp_p
     upgraded = store.connect(tmp_path / "old.db")
     got = [(r["stage"], r["expects"]) for r in upgraded.execute("SELECT * FROM messages WHERE sender = 'participant'")]
     assert got == [("chat", "message"), ("email", "email"), ("done", "done")]
+
+
+def _wait_until(condition: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def _someone_queued(path: Path) -> bool:
+    """True while a writer holds the lock's queue, i.e. waits for the lock itself."""
+    import fcntl
+
+    with open(f"{path}.lock-queue", "a+b") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+
+def test_the_write_lock_passes_to_a_waiting_process_before_the_holder_takes_it_again(tmp_path: Path) -> None:
+    """A writer that releases and at once wants the lock again queues behind the one already waiting
+    (one flock alone let the busiest process take it again every time; the others timed out)."""
+    import threading
+
+    path = tmp_path / "lock.db"
+    holder, waiter = store.WriteLock(path), store.WriteLock(path)  # separate open files conflict like processes
+    order: list[str] = []
+
+    def take(lock: store.WriteLock, name: str) -> None:
+        lock.acquire()
+        order.append(name)
+        lock.release()
+
+    holder.acquire()
+    other = threading.Thread(target=take, args=(waiter, "waiter"))
+    other.start()
+
+    _wait_until(lambda: _someone_queued(path))
+    holder.release()
+    again = threading.Thread(target=take, args=(holder, "holder again"))
+    again.start()
+    other.join(10)
+    again.join(10)
+    assert order == ["waiter", "holder again"]
+    holder.close()
+    waiter.close()
+
+
+def test_a_worker_starting_while_others_hold_the_write_lock_waits_its_turn_to_migrate(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "busy.db"
+    store.connect(path).close()
+    busy = store.WriteLock(path)
+    busy.acquire()
+    opened: list[sqlite3.Connection] = []
+    starting = threading.Thread(target=lambda: opened.append(store.connect(path)))
+    starting.start()
+    _wait_until(lambda: _someone_queued(path))
+    assert not opened  # waits for the lock instead of racing SQLite's busy handler
+    busy.release()
+    starting.join(10)
+    assert len(opened) == 1 and store.ping(opened[0])
+    opened[0].close()
+    busy.close()
