@@ -19,7 +19,7 @@ from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
 from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
-from combot.replies import bot_messages
+from combot.replies import bot_messages, start_early
 from combot.resources import static_dir
 from combot.study import Study
 from combot.worker import Resources, resources
@@ -164,12 +164,17 @@ async def post_message(request: Request) -> Response:
         return await _stale(res, participant, "this conversation has moved on in another window; here it is as it is now")
     factors = json.loads(participant["factors"])
     problem = scores = None
-    if engine.needs_classification(state):
-        verdict = await classify_async(res.classifier, text, res.inference)
-        problem, scores = verdict.label, verdict.scores
     seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
-    step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
-    replies = await bot_messages(res, participant, factors, step, started)
+    early = start_early(res, participant, factors, state, text, seed, values)
+    try:
+        if engine.needs_classification(state):
+            verdict = await classify_async(res.classifier, text, res.inference)
+            problem, scores = verdict.label, verdict.scores
+        step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
+        replies = await bot_messages(res, participant, factors, step, started, early)
+    finally:
+        if early is not None:
+            early.cancel()  # not used (another prompt was needed) or the request failed: nobody waits for it
     # What a participant types at the e-mail step is personal data even when it is not a valid
     # address (a typo of one): only the emails table ever holds it.
     shown = text

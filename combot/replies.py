@@ -4,16 +4,63 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from combot import engine, store
-from combot.llm import LLMReply
+from combot.llm import Fallback, LLMReply
 from combot.worker import Resources
 
 
+@dataclass
+class EarlyCall:
+    """An LLM call started while the first message is still being classified."""
+
+    system: str
+    text: str
+    task: asyncio.Task[LLMReply | Fallback]
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+def start_early(res: Resources, participant: Any, factors: Mapping[str, str], state: engine.State, text: str,
+                seed: int, link_values: Mapping[str, str]) -> EarlyCall | None:
+    """Start the first message's LLM call before its problem type is known, when it can be known.
+
+    The engine is pure, so the reply it would give for every problem type is computed up front.
+    Only when every type has an LLM-written reply is a call started (with the prompt most of them
+    share): a type answered from a script would waste it. If the label then asks for another
+    prompt (the catch-all's own, say), the early call is cancelled and the right one made; the
+    participant waits for the LLM alone instead of for the classifier and then the LLM.
+    """
+    llm = res.llm
+    if llm is None or not engine.needs_classification(state):
+        return None
+    allowed = llm.config.calls_allowed(participant["turns"])
+    if allowed is not None and allowed < 1:
+        return None
+    calls: Counter[tuple[str, str]] = Counter()
+    for problem in res.study.problem_types:
+        step = engine.respond(res.study, factors, state, text, problem=problem, seed=seed, link_values=link_values)
+        wanted = [r for r in step.replies if r.llm_task]
+        if not wanted:
+            return None
+        system = res.study.llm_prompt(wanted[0].llm_task or "", factors, step.state.problem)
+        if system is None:
+            return None
+        calls[(system, wanted[0].source_text or wanted[0].text)] += 1
+    (system, user), _ = calls.most_common(1)[0]
+    return EarlyCall(system, user, asyncio.ensure_future(llm.complete(system, user)))
+
+
 async def bot_messages(res: Resources, participant: Any, factors: Mapping[str, str], step: engine.Step,
-                        started: float) -> list[store.NewMessage]:
+                       started: float, early: EarlyCall | None = None) -> list[store.NewMessage]:
     """The replies to store: the engine's, with the ones an LLM may write asked of it concurrently.
+
+    An `early` call with the same prompt and text as a reply's is used for it; otherwise the
+    caller cancels it.
 
     Any LLM failure keeps the engine's offline text (produced_by 'template') and records why; the
     adapter gives up within its timeout, so a participant never waits longer or sees an error.
@@ -34,12 +81,17 @@ async def bot_messages(res: Resources, participant: Any, factors: Mapping[str, s
         allowed = llm.config.calls_allowed(await res.store.read(store.llm_reply_count, participant["id"]))
 
     async def written(reply: engine.Reply, position: int) -> store.NewMessage:
+        nonlocal early
         if allowed is not None and position >= allowed:
             return offline(reply, "participant limit")
         system = res.study.llm_prompt(reply.llm_task or "", factors, step.state.problem)
         if system is None:
             return offline(reply, "no prompt")
-        outcome = await llm.complete(system, reply.source_text or reply.text)
+        user = reply.source_text or reply.text
+        if early is not None and (early.system, early.text) == (system, user):
+            outcome, early = await early.task, None
+        else:
+            outcome = await llm.complete(system, user)
         if isinstance(outcome, LLMReply):
             return store.NewMessage("bot", reply.kind, outcome.text, "llm", model=outcome.model,
                                     latency_ms=outcome.latency_ms)

@@ -455,3 +455,83 @@ def test_the_real_server_uses_the_llm_in_every_worker(live_server: Callable[...,
     assert made == [("llm", 16)]
     assert reset_fake.stats()["authorization"] == [f"Bearer {SECRET}"]
     assert SECRET not in server.output()
+
+
+# --- the first message's LLM call, started while the message is being classified -------------------
+
+def _classified_once_the_llm_was_asked(fake: FakeLLM, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classifier answers `label`, but only after the fake LLM has received a request: a first
+    message whose LLM call waited for the classification would never get an answer."""
+    import combot.api
+    from combot.classifier import Classification
+
+    async def classify(classifier: object, text: str, executor: object = None) -> Classification:
+        async with httpx.AsyncClient() as http:
+            for _ in range(1000):
+                if (await http.get(fake.root + "/_fake/stats")).json()["requests"] >= 1:
+                    return Classification(label, {"A": 0.1, "B": 0.1, "C": 0.1, "Other": 0.7} if label == "Other"
+                                          else {"A": 0.7, "B": 0.1, "C": 0.1, "Other": 0.1}, label)
+                await asyncio.sleep(0.01)
+        raise AssertionError("the LLM was not asked before the classification finished")
+
+    monkeypatch.setattr(combot.api, "classify_async", classify)
+
+
+def test_the_first_llm_call_starts_before_the_classification_ends_and_is_used(
+        client: Client, reset_fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        study_file: Callable[..., Path]) -> None:
+    _classified_once_the_llm_was_asked(reset_fake, "A", monkeypatch)
+    c = client(reset_fake)
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    answer = c.post(f"/api/sessions/{token}/messages", json={"text": MESSAGES[0], "client_message_id": "m0"})
+    assert answer.status_code == 200 and answer.json()["replies"][0]["text"] == fake_paraphrase(MESSAGES[0])
+    stats = reset_fake.stats()
+    assert stats["requests"] == 1  # the early call was the reply's call, not made twice
+    study = load_study(study_file(replace=PARAPHRASE_EVERYWHERE), environ={})
+    assert stats["last_request"]["messages"][0]["content"] == study.llm_prompt("paraphrase", study.cells()[0], "A")
+    [row] = paraphrases(tmp_path)
+    assert (row["produced_by"], row["fallback_reason"]) == ("llm", None)
+
+
+def test_a_catch_all_label_cancels_the_early_call_and_asks_with_its_own_prompt(
+        client: Client, reset_fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        study_file: Callable[..., Path]) -> None:
+    reset_fake.configure(latency=0.3)
+    _classified_once_the_llm_was_asked(reset_fake, "Other", monkeypatch)
+    c = client(reset_fake)
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    answer = c.post(f"/api/sessions/{token}/messages", json={"text": MESSAGES[0], "client_message_id": "m0"})
+    assert answer.status_code == 200 and answer.json()["replies"][0]["text"] == fake_paraphrase(MESSAGES[0])
+    stats = reset_fake.stats()
+    assert stats["requests"] == 2  # the early call (general prompt), then the catch-all's own
+    study = load_study(study_file(replace=PARAPHRASE_EVERYWHERE), environ={})
+    cell = study.cells()[0]
+    other, general = study.llm_prompt("paraphrase", cell, "Other"), study.llm_prompt("paraphrase", cell, "A")
+    assert other != general
+    assert stats["last_request"]["messages"][0]["content"] == other
+    [row] = paraphrases(tmp_path)
+    assert (row["produced_by"], row["fallback_reason"]) == ("llm", None)
+
+
+def test_no_early_call_when_a_problem_type_is_answered_from_a_script(
+        client: Client, reset_fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        study_file: Callable[..., Path], started_app: Callable[..., TestClient]) -> None:
+    """With scripted questions for A, B and C only "Other" asks the LLM: a guess would mostly be wasted."""
+    from combot import replies
+
+    monkeypatch.setenv(KEY_VARIABLE, SECRET)
+    study = load_study(study_file(), environ={"COMBOT_LLM_URL": reset_fake.url, "COMBOT_LLM_MODEL": "m",
+                                              "COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE})
+    started: list[object] = []
+    real = replies.start_early
+    monkeypatch.setattr("combot.api.start_early", lambda *a: started.append(real(*a)) or started[-1])
+    c = started_app(study, tmp_path / "llm.db")
+    for _ in range(12):  # balanced assignment: every cell comes up
+        token = c.post("/api/sessions", json={}).json()["session_id"]
+        assert c.post(f"/api/sessions/{token}/messages", json={"text": MESSAGES[0]}).status_code == 200
+    conn = sqlite3.connect(tmp_path / "llm.db")
+    thinks = [json.loads(f)["think"] for (f,) in conn.execute("SELECT factors FROM participants ORDER BY created_at")]
+    conn.close()
+    assert len(started) == 12 and {"high", "low"} <= set(thinks)
+    for think, early in zip(thinks, started):
+        assert (early is None) == (think == "high")
