@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 from urllib.parse import quote
 
-from combot.paraphrase import paraphrase
+from combot.paraphrase import choose_paraphrase
 from combot.study import Cell, Study
 
 Stage = Literal["chat", "email", "done"]
@@ -45,15 +45,19 @@ class State:
     turn: int = 0  # participant messages answered so far
     problem: str | None = None
     asked: tuple[int, ...] = ()
+    phrased: tuple[str, ...] = ()  # paraphrase templates used so far (see paraphrase.choose_paraphrase)
 
     def to_dict(self) -> dict[str, object]:
-        return {"stage": self.stage, "turn": self.turn, "problem": self.problem, "asked": list(self.asked)}
+        return {"stage": self.stage, "turn": self.turn, "problem": self.problem, "asked": list(self.asked),
+                "phrased": list(self.phrased)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> State:
         asked = data.get("asked") or []
+        phrased = data.get("phrased") or []
         return cls(stage=data.get("stage", "chat"), turn=int(data.get("turn", 0)),  # type: ignore[arg-type]
-                   problem=data.get("problem"), asked=tuple(int(i) for i in asked))  # type: ignore[arg-type, union-attr]
+                   problem=data.get("problem"), asked=tuple(int(i) for i in asked),  # type: ignore[union-attr]
+                   phrased=tuple(str(name) for name in phrased))  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,10 @@ def _followup(study: Study, cell: Cell, state: State, text: str, rng: random.Ran
             return Reply("question", bank[choice]), replace(state, asked=state.asked + (choice,))
     block = study.block("paraphrase", cell, problem)
     assert block is not None  # load_study checks every cell and problem type has one
-    text_out = paraphrase(text, tuple(block.values["texts"]), rng, tuple(block.values.get("short_texts", ())))
+    text_out, template = choose_paraphrase(text, tuple(block.values["texts"]), rng,
+                                           tuple(block.values.get("short_texts", ())), state.phrased)
     return Reply("paraphrase", text_out, "template", llm_task="paraphrase",
-                 source_text=text), state
+                 source_text=text), replace(state, phrased=state.phrased + (template,))
 
 
 def _closing(study: Study, cell: Cell) -> tuple[Reply, ...]:

@@ -72,8 +72,21 @@ def paraphrase(text: str, templates: tuple[str, ...], rng: random.Random, short_
 
     For a very short message, a template from `short_templates` is used instead when there is one.
     """
+    return choose_paraphrase(text, templates, rng, short_templates)[0]
+
+
+def choose_paraphrase(text: str, templates: tuple[str, ...], rng: random.Random, short_templates: tuple[str, ...] = (),
+                      used: tuple[str, ...] = ()) -> tuple[str, str]:
+    """`paraphrase`, avoiding the templates in `used` while others remain; also returns the one chosen.
+
+    Templates are named "t<i>" (of `templates`) and "s<i>" (of `short_templates`). A conversation
+    keeps the names it used, so the bot does not say the same sentence twice (a fixed short text,
+    or a template without {reflection}) until it has said every other one.
+    """
     reflection = reflect(text)
+    prefix = "t"
     if short_templates and len(reflection.split()) < MIN_REFLECTION_WORDS:
-        templates = short_templates
-    template = rng.choice(templates)
-    return template.replace("{reflection}", reflection)
+        templates, prefix = short_templates, "s"
+    fresh = [i for i in range(len(templates)) if f"{prefix}{i}" not in used] or list(range(len(templates)))
+    choice = rng.choice(fresh)
+    return templates[choice].replace("{reflection}", reflection), f"{prefix}{choice}"

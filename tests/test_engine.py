@@ -99,6 +99,18 @@ def test_no_message_after_the_end() -> None:
         engine.respond(STUDY, HIGH, steps[-1].state, "hello again")
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_a_paraphrase_sentence_is_not_said_twice_while_others_remain(seed: int) -> None:
+    # Found by `combot pilot`: short answers drew the same short text (and the catch-all's template
+    # without {reflection}) twice in one conversation, so the bot repeated itself word for word.
+    short = walk(LOW, "Other", ["My card was charged twice.", "No.", "Yes.", "Maybe.", "Ok."], seed=seed)
+    texts = [r.text for s in short[1:3] for r in s.replies]
+    assert len(set(texts)) == 2  # the catch-all has two short texts: both, before either again
+    paraphrases = [r.text for s in walk(HIGH, "Other", ["one two three four five six"] * 4, seed=seed)[:4]
+                   for r in s.replies]
+    assert len(set(paraphrases)) == 4
+
+
 def test_first_message_needs_a_problem_type() -> None:
     state, _ = engine.start(STUDY, HIGH)
     assert engine.needs_classification(state)
@@ -112,7 +124,7 @@ def test_an_unknown_problem_type_becomes_the_catch_all() -> None:
 
 
 def test_state_round_trips() -> None:
-    state = State(stage="email", turn=5, problem="B", asked=(0, 3, 2))
+    state = State(stage="email", turn=5, problem="B", asked=(0, 3, 2), phrased=("t1", "s0"))
     assert State.from_dict(state.to_dict()) == state
 
 
