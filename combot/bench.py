@@ -408,9 +408,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(workers: int, config_path: str | None, env: dict[str, str], workdir: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+def local_server(workers: int, config_path: str | None, env: dict[str, str], workdir: Path,
+                 database_name: str = "bench.db") -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """The real `combot serve` on loopback with a throwaway database in `workdir`, ready for load."""
     port = free_port()
-    database = workdir / "bench.db"
+    database = workdir / database_name
     args = self_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                              "--database", str(database), "--access-log", ""]
     if config_path:

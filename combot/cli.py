@@ -240,6 +240,49 @@ def bench(users: str, url: str | None, admin_token: str, workers: int, think_tim
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--per-cell", type=click.IntRange(1, 100), default=None,
+              help="Simulated participants per cell [default: every persona of the bank once].")
+@click.option("--out", "out_path", default="pilot-report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML report: one self-contained file, readable offline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes of the server it starts.")
+@click.option("--participant-llm", is_flag=True,
+              help="Let the [llm] service (or --participant-model) play each persona instead of its script.")
+@click.option("--participant-model", help="Model name for --participant-llm [default: the [llm] model].")
+@click.option("--persona", "personas", multiple=True, help="Use only these personas of the bank (repeatable).")
+@_config_option
+def pilot(per_cell: int | None, out_path: str, json_path: str | None, workers: int,
+          participant_llm: bool, participant_model: str | None, personas: tuple[str, ...],
+          config_path: str | None) -> None:
+    """Walk simulated participants through every cell and write a report of what each cell does.
+
+    Starts the real server on a temporary copy of the study and a throwaway database (never the
+    study's own), sends personas through the chat, and reports transcripts per cell, what differs
+    between cells, flags and a data check. Exits 1 when a flag of severity error was raised.
+    """
+    import json
+
+    from combot import pilot as pilot_module
+    from combot import pilot_report
+
+    study = _load(config_path)
+    options = pilot_module.PilotOptions(
+        per_cell=per_cell, workers=workers, config_path=_study_path(config_path),
+        participant_llm=participant_llm, participant_model=participant_model, personas=personas)
+    try:
+        report = pilot_module.run_pilot(study, options, say=lambda line: click.echo(line, err=True))
+    except (pilot_module.PilotError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    Path(out_path).write_text(pilot_report.to_html(report), encoding="utf-8")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    click.echo(pilot_report.summary(report))
+    click.echo(f"report: {Path(out_path).resolve()}" + (f", {Path(json_path).resolve()}" if json_path else ""))
+    if pilot_report.has_errors(report):
+        sys.exit(1)
+
+
 @cli.command("export")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write into (created if missing).")

@@ -32,9 +32,11 @@ from typing import Any, Iterator
 import httpx
 
 from combot.paraphrase import reflect
+from combot.personas import FACTS_HEADING, PLAYER_MARKER
 
 BEHAVIOURS = {
-    "answer": "a paraphrase of the user message after `latency` seconds",
+    "answer": "a paraphrase of the user message after `latency` seconds (or, when the system prompt is a"
+              " `combot pilot` persona's, that persona's next fact: see `play_persona`)",
     "slow": "the same, but only after `slow_seconds` (default 60): past any sensible timeout",
     "429": "HTTP 429 Too Many Requests",
     "500": "HTTP 500 Internal Server Error",
@@ -67,6 +69,22 @@ def fake_paraphrase(text: str) -> str:
     if len(reflection.split()) < 4:
         return _SHORT[digest % len(_SHORT)]
     return _FRAMES[digest % len(_FRAMES)].replace("{r}", reflection)
+
+
+def play_persona(messages: list[dict[str, Any]]) -> str | None:
+    """A `combot pilot` persona's next message: its n-th fact, n being the replies it gave so far.
+
+    None when the system prompt is not a persona's. The answer comes only from the persona's own
+    instructions, so a test can tell that the persona (and not the bot's prompt) was played.
+    """
+    system = next((str(m.get("content", "")) for m in messages if m.get("role") == "system"), "")
+    if PLAYER_MARKER not in system or FACTS_HEADING not in system:
+        return None
+    facts = [line[2:].strip() for line in system.split(FACTS_HEADING, 1)[1].splitlines() if line.startswith("- ")]
+    if not facts:
+        return None
+    given = sum(1 for m in messages if m.get("role") == "assistant")
+    return facts[given % len(facts)]
 
 
 @dataclass
@@ -140,7 +158,7 @@ async def _completion(state: FakeState, body: bytes, headers: dict[str, str]) ->
             return 200, "application/json", json.dumps({"id": "x", "model": model, "choices": []}).encode()
         if behaviour == "shape":
             return 200, "application/json", json.dumps({"result": {"text": fake_paraphrase(user)}}).encode()
-        content = fake_paraphrase(user)
+        content = play_persona(messages) or fake_paraphrase(user)
         if behaviour == "long":
             content = " ".join([content] * (2000 // len(content) + 1))
         reply = {
