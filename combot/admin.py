@@ -112,34 +112,43 @@ def _require(request: Request) -> None:
 
 # --- pages ----------------------------------------------------------------------------------------
 
-def _login_page(error: str = "", status: int = 401) -> Response:
+def _to_root(request: Request) -> str:
+    """The relative way from this page back to the app's root ("" from /admin, "../" from /admin/login):
+    links stay relative, so a proxy may serve the study under a sub-path (/study1/admin)."""
+    return "../" * (request.url.path.rstrip("/").count("/") - 1)
+
+
+def _login_page(request: Request, error: str = "", status: int = 401) -> Response:
     page = (static_dir() / "admin-login.html").read_text(encoding="utf-8")
     # Only fixed server texts go in here, never anything from the request.
     page = page.replace("<!--error-->", f'<p class="login__error" role="alert">{error}</p>' if error else "")
+    page = page.replace("{root}", _to_root(request))
     return HTMLResponse(page, status_code=status, headers={**_HEADERS, "WWW-Authenticate": "Bearer"})
 
 
 async def dashboard_page(request: Request) -> Response:
     if not authorised(request):
-        return _login_page()
+        return _login_page(request)
     return FileResponse(static_dir() / "admin.html", headers=_HEADERS)
 
 
 async def login(request: Request) -> Response:
     if request.method == "GET":
-        return RedirectResponse("../admin", status_code=303, headers=_HEADERS) if authorised(request) else _login_page()
+        return RedirectResponse("../admin", status_code=303, headers=_HEADERS) if authorised(request) else _login_page(request)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > MAX_FORM_BYTES:
-            return _login_page("That is not a researcher token.")
+            return _login_page(request, "That is not a researcher token.")
     given = parse_qs(body.decode("utf-8", errors="replace")).get("token", [""])[0].strip()
     token: str = request.app.state.admin_token.value
     if not given or not _same(given, token):
-        return _login_page("That token is not right. Copy it from the server's start-up output or the token file.")
+        return _login_page(request, "That token is not right. Copy it from the server's start-up output or the token file.")
     # Relative, so a study served under a sub-path by a proxy keeps working.
     response = RedirectResponse("../admin", status_code=303, headers=_HEADERS)
-    response.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="strict", path="/admin",
+    # No Path attribute: the browser takes this URL's folder, /admin, or /study1/admin under a proxy's
+    # sub-path. Secure when the participant-facing connection is https (a trusted proxy says so).
+    response.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="strict", path=None,
                         secure=request.url.scheme == "https")
     return response
 
@@ -147,7 +156,8 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     _require(request)
     response = RedirectResponse("../admin", status_code=303, headers=_HEADERS)
-    response.delete_cookie(COOKIE, path="/admin", httponly=True, samesite="strict")
+    response.set_cookie(COOKIE, "", max_age=0, expires=0, path=None, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
     return response
 
 

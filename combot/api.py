@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from combot import consent, engine, recruitment, store, synthetic
+from combot import consent, embed, engine, recruitment, store, synthetic
 from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
@@ -22,7 +22,7 @@ from combot.parsing import claimed_turn, client_key, client_message_id, message_
 from combot.replies import bot_messages, start_early
 from combot.resources import static_dir
 from combot.study import Study
-from combot.worker import Resources, resources
+from combot.worker import Resources, limit_starts, resources
 
 
 def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dict[str, Any]:
@@ -34,11 +34,14 @@ def _stored_reply(row: Any, study: Study, link_values: Mapping[str, str]) -> dic
     return out
 
 
-def _presentation(study: Study, factors: Mapping[str, str]) -> dict[str, str]:
-    shown = study.presentation(factors)
+def _presentation(res: Resources, factors: Mapping[str, str]) -> dict[str, str]:
+    shown = res.study.presentation(factors)
     out = {"name": shown["name"], "colour": shown["colour"]}
-    if shown.get("logo"):
-        out["logo"] = "/static/" + shown["logo"].lstrip("/")
+    # An opaque, relative name (assets/<hash>.svg): nothing the page fetches names a condition, and
+    # a study under a proxy's sub-path finds it.
+    logo = res.assets.url(shown["logo"]) if shown.get("logo") else None
+    if logo:
+        out["logo"] = logo
     return out
 
 
@@ -62,6 +65,8 @@ async def create_session(request: Request) -> Response:
         if returning is None:
             raise ConsentRequired("please read the study information and agree before the chat starts")
         return await _session_response(res, returning)
+    if not is_synthetic:  # `combot bench --url` may start many sessions from one machine
+        limit_starts(request)
     participant_id = "p" + secrets.token_hex(6)
     token = secrets.token_urlsafe(24)
     rng = random.SystemRandom()
@@ -98,6 +103,7 @@ async def _conversation(res: Resources, participant: Any) -> dict[str, Any]:
     redirect = recruitment.completion_redirect(study, values) if body["expects"] == "done" else None
     if redirect is not None:
         body["redirect"] = redirect
+    body.update(embed.page_fields(study.settings, participant, body["expects"] == "done"))
     return body
 
 
@@ -107,7 +113,7 @@ async def _session_response(res: Resources, participant: Any, status: int = 200)
     body = {
         "session_id": participant["token"],
         **await _conversation(res, participant),
-        "bot": _presentation(study, factors),
+        "bot": _presentation(res, factors),
         "max_message_chars": study.settings["server.max_message_chars"],
     }
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
@@ -153,7 +159,7 @@ async def post_message(request: Request) -> Response:
     if client_id is not None:
         earlier = await res.store.read(store.replies_to, participant["id"], client_id)
         if earlier is not None:
-            return _turn_response(study, earlier, values)
+            return _turn_response(study, earlier, values, participant)
     if not res.limiter.allow(participant["id"]):
         raise TooManyRequests("you are sending messages too quickly; please wait a moment")
 
@@ -196,10 +202,10 @@ async def post_message(request: Request) -> Response:
         # this conversation has left behind, so it is not stored.
         now = await res.store.read(store.participant_by_token, token)
         return await _stale(res, now, "this conversation has moved on in another window; here it is as it is now")
-    return _turn_response(study, stored, values)
+    return _turn_response(study, stored, values, participant)
 
 
-def _turn_response(study: Study, stored: store.StoredTurn, values: Mapping[str, str]) -> Response:
+def _turn_response(study: Study, stored: store.StoredTurn, values: Mapping[str, str], participant: Any) -> Response:
     # What comes next is what the engine decided for this turn, stored with it.
     expects = stored.message["expects"]
     body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in stored.replies],
@@ -207,6 +213,7 @@ def _turn_response(study: Study, stored: store.StoredTurn, values: Mapping[str, 
     redirect = recruitment.completion_redirect(study, values) if expects == "done" else None
     if redirect is not None:
         body["redirect"] = redirect
+    body.update(embed.page_fields(study.settings, participant, expects == "done"))
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -219,7 +226,8 @@ async def healthz(request: Request) -> Response:
 
 async def index(request: Request) -> Response:
     # A GET never creates a session: link-preview bots may open the study URL.
-    return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", **embed.page_headers(resources(request).study.settings)}
+    return FileResponse(static_dir() / "index.html", headers=headers)
 
 
 def routes() -> list[Route]:

@@ -67,20 +67,25 @@ def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | No
 @cli.command()
 @_config_option
 @_setting_options("server", ("host", "port", "workers", "database", "request_timeout", "graceful_timeout",
-                             "max_requests", "access_log", "trusted_hosts"))
+                             "max_requests", "access_log", "trusted_hosts", "certfile", "keyfile",
+                             "forwarded_allow_ips"))
 def serve(config_path: str | None, **flags: Any) -> None:
-    """Serve the study: a multi-process web server for participants."""
+    """Serve the study: a multi-process web server for participants (HTTPS with --certfile and --keyfile)."""
     from combot import server
 
     study = _stamped(_load(config_path, "server", flags))
     cfg = study.settings.section("server")
+    if bool(cfg["certfile"]) != bool(cfg["keyfile"]):
+        raise click.ClickException("HTTPS needs both a certificate and its key: give --certfile and --keyfile"
+                                   " (or [server] certfile and keyfile)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     options = server.ServeOptions(
         config_path=_study_path(config_path),
         database=Path(cfg["database"]), host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
         graceful_timeout=cfg["graceful_timeout"], max_requests=cfg["max_requests"], access_log=cfg["access_log"],
-        request_timeout=cfg["request_timeout"],
+        request_timeout=cfg["request_timeout"], certfile=cfg["certfile"], keyfile=cfg["keyfile"],
     )
+    url = server.bound_url(options.host, options.port, tls=bool(options.certfile))
 
     # The researcher token exists before any worker starts, so a newly generated one is printed here, once.
     from combot import admin
@@ -93,10 +98,10 @@ def serve(config_path: str | None, **flags: Any) -> None:
     def ready() -> None:
         click.echo(f"Combot is serving '{study.title}' from {options.config_path or 'the bundled default study'}")
         click.echo(f"  study version:     {study.version}")
-        click.echo(f"  participants open: {server.bound_url(options.host, options.port)}")
+        click.echo(f"  participants open: {url}")
         click.echo(f"  database:          {options.database.resolve()}")
         click.echo(f"  workers:           {options.workers}   (Ctrl-C stops after in-flight replies finish)")
-        click.echo(f"  researcher page:   {server.bound_url(options.host, options.port)}admin")
+        click.echo(f"  researcher page:   {url}admin")
         if token.created:
             click.echo(f"  admin token:       {token.value}   (shown once; kept in {token.source})")
         elif token.source == "environment":

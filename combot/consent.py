@@ -20,6 +20,7 @@ from combot import recruitment, store, synthetic
 from combot.errors import BadRequest, NotFound
 from combot.parsing import client_key, read_json
 from combot.study import Study
+from combot.worker import limit_starts
 
 
 def given(data: Mapping[str, Any]) -> bool:
@@ -52,6 +53,8 @@ async def post_decline(request: Request) -> Response:
     key = client_key(data)  # a retried decline (lost response) with the same key stores nothing new
     params = recruitment.captured_params(request.query_params, study.settings)
     is_synthetic = synthetic.is_synthetic(request.headers, request.app.state.admin_token.value)
+    if not is_synthetic:
+        limit_starts(request)
     _, created = await res.store.run(
         store.record_decline, participant_id="p" + secrets.token_hex(6), token=secrets.token_urlsafe(24),
         user_agent=request.headers.get("user-agent", ""), url_params=params,

@@ -39,12 +39,16 @@ class RequestTimeout:
 
 
 class SecurityHeaders:
-    """Headers every response carries: no framing, no MIME sniffing, no referrer to the survey site."""
+    """Headers every response carries: no MIME sniffing, no referrer to the survey site, and no framing
+    unless the response set its own Content-Security-Policy (the chat page, with [embed] frame_ancestors)."""
 
     HEADERS = [
         (b"x-content-type-options", b"nosniff"),
-        (b"x-frame-options", b"DENY"),
         (b"referrer-policy", b"no-referrer"),
+    ]
+    NO_FRAMES = [
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"frame-ancestors 'none'"),
     ]
 
     def __init__(self, app: Any):
@@ -57,7 +61,9 @@ class SecurityHeaders:
 
         async def with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+                headers = list(message.get("headers", []))
+                own_policy = any(name.lower() == b"content-security-policy" for name, _ in headers)
+                message = {**message, "headers": [*headers, *self.HEADERS, *([] if own_policy else self.NO_FRAMES)]}
             await send(message)
 
         await self.app(scope, receive, with_headers)

@@ -44,6 +44,8 @@ class ServeOptions:
     max_requests: int
     access_log: str
     request_timeout: float
+    certfile: str = ""
+    keyfile: str = ""
 
 
 def hypercorn_config(options: ServeOptions) -> Config:
@@ -61,6 +63,10 @@ def hypercorn_config(options: ServeOptions) -> Config:
     if options.access_log:
         config.accesslog = options.access_log
     config.errorlog = "-"
+    if options.certfile:
+        # Hypercorn's own TLS (and HTTP/2 through ALPN); the certificate is read by each worker.
+        config.certfile = str(Path(options.certfile).resolve())
+        config.keyfile = str(Path(options.keyfile).resolve())
     return config
 
 
@@ -191,8 +197,8 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     return exit_code
 
 
-def bound_url(host: str, port: int) -> str:
+def bound_url(host: str, port: int, tls: bool = False) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("localhost" if host == "::" else host)
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}/"
+    return f"{'https' if tls else 'http'}://{shown}:{port}/"

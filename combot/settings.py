@@ -7,10 +7,12 @@ default, file, environment, flags the user actually passed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class Option:
     help: str
     kind: type = str
     env: str | None = None
+    # Returns what is wrong with a converted value ("" when it is fine).
+    validate: Callable[[Any], str] | None = None
 
     @property
     def env_name(self) -> str:
@@ -35,7 +39,14 @@ class Option:
         return str(value)
 
     def convert(self, value: Any, source: str) -> Any:
-        """Coerce a value from the file or the environment into this option's type."""
+        """Coerce a value from the file or the environment into this option's type, and check it."""
+        converted = self._coerce(value, source)
+        problem = self.validate(converted) if self.validate is not None and converted is not None else ""
+        if problem:
+            raise ValueError(f"{self.name} {problem} ({source})")
+        return converted
+
+    def _coerce(self, value: Any, source: str) -> Any:
         if value is None:
             return None
         if self.kind is dict:
@@ -83,6 +94,32 @@ class Option:
         return value
 
 
+def _addresses(values: list[str]) -> str:
+    for value in values:
+        if value == "*":
+            continue
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"must list IP addresses or networks (e.g. 127.0.0.1, 10.0.0.0/8) or '*'; {value!r} is not one"
+    return ""
+
+
+# A CSP source expression for an origin: scheme://host[:port], the host may start with "*.".
+_ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def _origins(values: list[str]) -> str:
+    for value in values:
+        if not _ORIGIN.fullmatch(value):
+            return f"must list origins such as https://*.qualtrics.com (scheme, host, optional port); {value!r} is not one"
+    return ""
+
+
+def _optional_file(value: str) -> str:
+    return f"names a file that does not exist: {value}" if value and not os.path.isfile(value) else ""
+
+
 OPTIONS: tuple[Option, ...] = (
     # [server]
     Option("server", "host", "0.0.0.0", "Address to listen on (0.0.0.0: every interface)."),
@@ -98,6 +135,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "max_body_bytes", 16384, "Largest request body, in bytes.", int),
     Option("server", "rate_limit", 20, "Messages a participant may send per minute (0: no limit).", int),
     Option("server", "admin_token", "", "Researcher token for /admin (default: generated and stored beside the database)."),
+    Option("server", "certfile", "", "TLS certificate chain (PEM): serve HTTPS itself ('': plain HTTP, e.g. behind"
+           " a proxy that does TLS).", str, validate=_optional_file),
+    Option("server", "keyfile", "", "TLS private key (PEM) of the certificate.", str, validate=_optional_file),
+    Option("server", "forwarded_allow_ips", ["127.0.0.1"], "Proxies whose X-Forwarded-For/-Proto/-Host are believed"
+           " (addresses or networks; '*': any; empty: none).", list, validate=_addresses),
+    Option("server", "session_rate_limit", 0, "New sessions (and declines) one address may start per minute"
+           " (0: no limit). Behind a proxy, set forwarded_allow_ips first.", int),
     # [classifier]
     Option("classifier", "model_dir", "", "Directory of the classifier (default: the bundled model)."),
     Option("classifier", "head", "", "A head trained with `combot train` to use instead of the shipped one."),
@@ -146,6 +190,9 @@ OPTIONS: tuple[Option, ...] = (
            "COMBOT_CONSENT_DECLINE_LABEL"),
     Option("consent", "declined_text", "Thank you. You have chosen not to take part; nothing else will be"
            " recorded. You can close this page now.", "Shown after declining.", str, "COMBOT_CONSENT_DECLINED_TEXT"),
+    # [embed] The chat inside another site's page (a Qualtrics question): who may frame it.
+    Option("embed", "frame_ancestors", [], "Origins whose pages may show the chat page in a frame, e.g."
+           " https://*.qualtrics.com (empty: none; /admin never).", list, "COMBOT_FRAME_ANCESTORS", validate=_origins),
     # [admin] The researcher's dashboard (/admin); the token itself is server.admin_token.
     Option("admin", "window_minutes", 15, "Minutes of recent activity behind reply times and the error rate.", int,
            "COMBOT_ADMIN_WINDOW_MINUTES"),

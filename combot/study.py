@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from combot.errors import ConfigError
+from combot.resources import logo_problem
 from combot.settings import OPTIONS, SECTIONS, Settings, option, resolve
 
 Cell = Mapping[str, str]
@@ -415,6 +416,10 @@ def _check_coverage(study: Study, check: _Checker) -> None:
                         f"the bank for cell {label}, problem {problem} has {len(bank.values['texts'])} questions;"
                         f" followup_turns = {study.followup_turns} needs that many", "questions",
                         study.blocks["questions"].index(bank), "texts")
+    for position, block in enumerate(study.blocks.get("presentation", ())):
+        problem = logo_problem(study.path, str(block.values["logo"])) if block.values.get("logo") else ""
+        if problem:
+            raise check.fail(problem, "presentation", position, "logo")
     # Survey placeholders: {participant_id}, {cell}, or a captured URL parameter's name.
     for key, template in (("url", study.survey_url), ("completion_url", study.completion_url)):
         for name in re.findall(r"\{([^{}]*)\}", template):

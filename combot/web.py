@@ -22,14 +22,13 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
-from starlette.staticfiles import StaticFiles
 
-from combot import __version__, admin, api, consent, monitor, store, versioning
+from combot import __version__, admin, api, assets, consent, monitor, store, versioning
 from combot.errors import CombotError
 from combot.llm import create_llm
 from combot.middleware import RequestTimeout, SecurityHeaders
+from combot.proxy import TrustedProxies
 from combot.ratelimit import RateLimiter
-from combot.resources import static_dir
 from combot.server import notify_ready
 from combot.study import Study, load_study
 from combot.worker import Resources, load_classifier
@@ -93,9 +92,12 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         loop = asyncio.get_running_loop()
         inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="combot-classify")
         classifier = await loop.run_in_executor(inference, load_classifier, study)
+        starts = study.settings["server.session_rate_limit"]
         app.state.resources = Resources(study, handle, classifier, inference,
                                         RateLimiter(study.settings["server.rate_limit"], 60.0),
-                                        llm=create_llm(study.settings, database=db_path))
+                                        assets=assets.Assets.for_study(study),
+                                        llm=create_llm(study.settings, database=db_path),
+                                        starts=RateLimiter(starts, 60.0) if starts > 0 else None)
         app.state.admin_token = admin.ensure_token(study.settings, db_path)
         notify_ready()
         heartbeat = monitor.Heartbeat(handle)
@@ -113,9 +115,12 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
         *api.routes(),
         *consent.routes(),
         *admin.routes(),
-        Mount("/static", StaticFiles(directory=static_dir()), name="static"),
+        *assets.routes(),
+        Mount("/static", assets.page_files(), name="static"),
     ]
     middleware = [
+        # First: everything after it sees the participant's address and scheme, not the proxy's.
+        Middleware(TrustedProxies, allow=study.settings["server.forwarded_allow_ips"]),
         Middleware(SecurityHeaders),
         Middleware(TrustedHostMiddleware, allowed_hosts=study.settings["server.trusted_hosts"]),
         Middleware(monitor.ErrorRecorder),  # outside RequestTimeout, so its 503s count as errors

@@ -9,8 +9,11 @@ from pathlib import Path
 from starlette.requests import Request
 
 from combot import store
+from combot.assets import Assets
 from combot.classifier import Classifier, default_model_dir, get_classifier
 from combot.llm import ChatModel
+from combot.errors import TooManyRequests
+from combot.proxy import client_address
 from combot.ratelimit import RateLimiter
 from combot.study import Study
 
@@ -24,11 +27,22 @@ class Resources:
     classifier: Classifier
     inference: ThreadPoolExecutor
     limiter: RateLimiter
+    assets: Assets
     llm: ChatModel | None = None  # None: no LLM configured, the offline paraphraser answers
+    # New sessions and declines per address ([server] session_rate_limit); None: no limit.
+    starts: RateLimiter | None = None
 
 
 def resources(request: Request) -> Resources:
     return request.app.state.resources  # type: ignore[no-any-return]
+
+
+def limit_starts(request: Request) -> None:
+    """Refuse a new session or decline when the participant's address has started too many this minute.
+    The address is the participant's, not the proxy's, when the proxy is in [server] forwarded_allow_ips."""
+    limiter = resources(request).starts
+    if limiter is not None and not limiter.allow(client_address(request)):
+        raise TooManyRequests("too many new sessions from this network; please wait a minute and reload the page")
 
 
 def load_classifier(study: Study) -> Classifier:

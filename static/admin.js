@@ -176,9 +176,9 @@
 
   async function refresh() {
     try {
-      var response = await fetch("/admin/api/stats", { credentials: "same-origin", cache: "no-store" });
+      var response = await fetch("admin/api/stats", { credentials: "same-origin", cache: "no-store" });
       if (response.status === 401) {
-        location.assign("/admin"); // the token changed or the cookie expired: the sign-in form
+        location.assign("admin"); // the token changed or the cookie expired: the sign-in form
         return;
       }
       if (!response.ok) throw new Error("HTTP " + response.status);

@@ -285,6 +285,49 @@
     state.failed = null;
     setTurn(data.turn);
     setExpects(data.expects, data.redirect);
+    tellParent(data);
+  }
+
+  // --- inside another site's page (a Qualtrics question) ----------------------------------------------
+
+  // The origin of the page that frames this one: ancestorOrigins (Chromium, Safari), else the referrer.
+  function parentOrigin() {
+    if (window.parent === window) return null;
+    try {
+      if (location.ancestorOrigins && location.ancestorOrigins.length) return location.ancestorOrigins[0];
+    } catch (e) { /* fall back to the referrer */ }
+    try {
+      return document.referrer ? new URL(document.referrer).origin : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // Does an origin match one of [embed] frame_ancestors (scheme://host[:port], the host may start with "*.")?
+  function originAllowed(origin, patterns) {
+    var url;
+    try { url = new URL(origin); } catch (e) { return false; }
+    var host = url.hostname.toLowerCase();
+    var port = url.port || (url.protocol === "https:" ? "443" : "80");
+    return patterns.some(function (pattern) {
+      var m = typeof pattern === "string" ? /^(https?):\/\/(\*\.)?([^:/]+)(?::(\d+))?$/i.exec(pattern) : null;
+      if (!m || url.protocol !== m[1].toLowerCase() + ":") return false;
+      if (port !== (m[4] || (m[1].toLowerCase() === "https" ? "443" : "80"))) return false;
+      var want = m[3].toLowerCase();
+      return m[2] ? host.length > want.length && host.slice(-want.length - 1) === "." + want : host === want;
+    });
+  }
+
+  // At the end, tell the framing page (a Qualtrics question waiting to show its Next button), addressed
+  // to its exact origin and only when the study allows that origin: never "*", which any page could read.
+  function tellParent(data) {
+    if (!data || data.expects !== "done" || typeof data.participant_id !== "string") return;
+    var origins = Array.isArray(data.embed_origins) ? data.embed_origins : [];
+    var origin = parentOrigin();
+    if (!origin || !originAllowed(origin, origins)) return;
+    try {
+      window.parent.postMessage({ type: "combot:done", participant_id: data.participant_id }, origin);
+    } catch (e) { /* the parent went away */ }
   }
 
   function setTurn(turn) {
@@ -633,6 +676,7 @@
       setTurn(answer.data.turn);
       setExpects(answer.data.expects, answer.data.redirect);
       announce();
+      tellParent(answer.data);
     } catch (error) {
       pending.row.classList.remove("msg--sending");
       setBusy(false);

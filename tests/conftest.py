@@ -45,13 +45,15 @@ def study_file(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def started_app() -> Iterator[Callable[..., TestClient]]:
-    """started_app(study, database) -> a TestClient with the app's lifespan running; closed after the test."""
+    """started_app(study, database, peer=None) -> a TestClient with the app's lifespan running (its requests
+    come from `peer`, an (address, port) pair); closed after the test."""
     from combot.web import create_app
 
     opened: list[TestClient] = []
 
-    def start(study: Study, database: Path) -> TestClient:
-        client = TestClient(create_app(database=str(database), study=study), raise_server_exceptions=False)
+    def start(study: Study, database: Path, peer: tuple[str, int] = ("testclient", 50000)) -> TestClient:
+        client = TestClient(create_app(database=str(database), study=study), raise_server_exceptions=False,
+                            client=peer)
         client.__enter__()
         opened.append(client)
         return client

@@ -26,11 +26,12 @@ class FakeClassifier:
 
 
 def client_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
-    """client(study_path=None, environ=None) -> a started TestClient on tmp_path/web.db."""
+    """client(study_path=None, environ=None, peer=...) -> a started TestClient on tmp_path/web.db."""
     monkeypatch.setattr(web, "load_classifier", lambda study: FakeClassifier())
 
-    def make(study_path: Path | None = None, environ: dict[str, str] | None = None) -> TestClient:
-        return started_app(load_study(study_path or DEFAULT_STUDY, environ=environ or {}), tmp_path / "web.db")
+    def make(study_path: Path | None = None, environ: dict[str, str] | None = None,
+             peer: tuple[str, int] = ("testclient", 50000)) -> TestClient:
+        return started_app(load_study(study_path or DEFAULT_STUDY, environ=environ or {}), tmp_path / "web.db", peer)
     return make
 
 
