@@ -101,20 +101,25 @@
     return node;
   }
 
+  // Even reading window.localStorage throws where storage is blocked (private modes, strict settings,
+  // a frame inside another site's page that may not keep third-party data): carry on without it.
+  var STORES = ["localStorage", "sessionStorage"];
+
   function storageGet() {
-    var stores = [window.localStorage, window.sessionStorage];
-    for (var i = 0; i < stores.length; i++) {
+    for (var i = 0; i < STORES.length; i++) {
       try {
-        var value = stores[i] && stores[i].getItem(STORAGE_KEY);
+        var store = window[STORES[i]];
+        var value = store && store.getItem(STORAGE_KEY);
         if (value) return value;
-      } catch (e) { /* storage can be disabled (private mode, strict settings): carry on without it */ }
+      } catch (e) { /* blocked: try the next one */ }
     }
     return null;
   }
 
   function storageSet(value) {
-    [window.localStorage, window.sessionStorage].forEach(function (store) {
+    STORES.forEach(function (name) {
       try {
+        var store = window[name];
         if (value) store.setItem(STORAGE_KEY, value); else store.removeItem(STORAGE_KEY);
       } catch (e) { /* see storageGet */ }
     });

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
+import os
+import sqlite3
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from starlette.testclient import TestClient
 
 from combot.errors import ConfigError
 from combot.study import load_study
+from tests.conftest import ROOT
 from tests.inprocess import Client, client_factory, finish
+from tests.test_page import browser, walk_to_the_end  # noqa: F401  (browser is a fixture)
 
 QUALTRICS = {"COMBOT_FRAME_ANCESTORS": "https://*.qualtrics.com,https://survey.example.edu:8443"}
 
@@ -44,8 +50,6 @@ def test_listed_origins_may_frame_the_chat_page_only(client: Client, tmp_path: P
 
 
 def test_the_end_carries_the_participant_id_for_the_parent(client: Client, tmp_path: Path) -> None:
-    import sqlite3
-
     c = client(environ=QUALTRICS)
     session = c.post("/api/sessions", params={"participant_label": "R_abc"}, json={}).json()
     assert session["embed_origins"] == ["https://*.qualtrics.com", "https://survey.example.edu:8443"]
@@ -63,3 +67,102 @@ def test_an_origin_that_is_not_one_names_the_line(study_file: Callable[..., Path
         load_study(path, environ={})
     assert "frame_ancestors" in str(error.value) and "'*' is not one" in str(error.value)
     assert f"line {len(path.read_text().splitlines())}:" in str(error.value)
+
+
+# --- in Chromium: a survey page on another origin frames the chat -----------------------------------
+
+def readme_snippet() -> str:
+    """The Qualtrics question JavaScript exactly as the README gives it."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("```js\n", text.index("<!-- qualtrics-snippet -->")) + len("```js\n")
+    return text[start:text.index("```", start)]
+
+
+class SurveyPages:
+    """A tiny web server on another loopback address, standing in for the survey site; `pages` maps a
+    path to its HTML and may be filled in after it starts."""
+
+    def __init__(self, host: str):
+        self.pages: dict[str, str] = {}
+        pages = self.pages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pages.get(self.path.split("?")[0], "").encode()
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.origin = f"http://{host}:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+SURVEY_PAGE = """<!doctype html><meta charset="utf-8"><title>Survey</title>
+<script>
+  // A stand-in for Qualtrics' question API, recording what the snippet does.
+  window.calls = [];
+  window.received = [];
+  window.framed = false;
+  window.addEventListener("message", function (event) { received.push({origin: event.origin, data: event.data}); });
+  var question = {hideNextButton: function () { calls.push(["hideNextButton"]); },
+                  showNextButton: function () { calls.push(["showNextButton"]); }};
+  window.Qualtrics = {SurveyEngine: {addOnload: function (f) { f.call(question); },
+                                     setEmbeddedData: function (k, v) { calls.push(["setEmbeddedData", k, v]); }}};
+</script>
+<script>SNIPPET</script>
+<iframe id="chat" src="CHAT" width="420" height="720" onload="window.framed = true"></iframe>
+"""
+
+
+@pytest.mark.slow
+def test_a_survey_page_frames_the_chat_and_hears_the_end(live_server: Callable[..., Any], browser: Any) -> None:
+    allowed, stranger = SurveyPages("127.0.0.2"), SurveyPages("127.0.0.3")
+    try:
+        server = live_server(workers=1, env={**os.environ, "COMBOT_FRAME_ANCESTORS": allowed.origin})
+        combot = server.url.rstrip("/")
+        page_html = SURVEY_PAGE.replace("CHAT", server.url + "?participant_label=R_embedtest").replace(
+            "SNIPPET", readme_snippet().replace("https://study.example.org", combot))
+        allowed.pages["/survey"] = stranger.pages["/survey"] = page_html
+
+        context = browser.new_context(service_workers="block")
+        survey = context.new_page()
+        survey.goto(allowed.origin + "/survey")
+        survey.frame_locator("#chat").locator(".msg--bot .bubble__text").first.wait_for()
+        chat = next(f for f in survey.frames if f.url.startswith(combot))
+        assert survey.evaluate("calls") == [["hideNextButton"]]
+        walk_to_the_end(chat)
+        survey.wait_for_function("calls.length >= 3")
+        with sqlite3.connect(server.database) as conn:
+            participant_id, params = conn.execute("SELECT id, url_params FROM participants").fetchone()
+        assert "R_embedtest" in params
+        received = survey.evaluate("received")
+        assert received == [{"origin": combot, "data": {"type": "combot:done", "participant_id": participant_id}}]
+        assert survey.evaluate("calls") == [["hideNextButton"], ["setEmbeddedData", "combot_participant_id",
+                                                                  participant_id], ["showNextButton"]]
+        print(f"\n[embed] Chromium {browser.version}: {allowed.origin}/survey framed {combot}, got {received}")
+
+        # An origin that is not listed cannot frame it: Chromium refuses, nothing starts, nothing is told.
+        refusals: list[str] = []
+        other = context.new_page()
+        other.on("console", lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None)
+        other.goto(stranger.origin + "/survey")
+        other.wait_for_function("window.framed")
+        assert [f for f in other.frames if f.url.startswith(combot) and f.locator("#log").count()] == []
+        assert other.evaluate("received") == [] and other.evaluate("calls") == [["hideNextButton"]]
+        with sqlite3.connect(server.database) as conn:
+            assert conn.execute("SELECT count(*) FROM participants").fetchone()[0] == 1
+        print(f"[embed] {stranger.origin} was refused: {refusals[:1]}")
+        context.close()
+    finally:
+        allowed.close()
+        stranger.close()
