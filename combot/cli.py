@@ -126,6 +126,46 @@ def _stamped(study: Study) -> Study:
 
 
 @cli.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@_config_option
+@_setting_options("server", ("database",))
+def backup(out: str, config_path: str | None, **flags: Any) -> None:
+    """Copy the database to OUT while the server keeps serving: a consistent, checked snapshot."""
+    from combot import store
+
+    study = _load(config_path, "server", flags)
+    try:
+        made = store.backup(study.settings["server.database"], out)
+    except (OSError, ValueError, sqlite3.Error) as error:
+        raise click.ClickException(f"backup failed: {error}") from None
+    click.echo(f"Backed up {made.participants} participants and {made.messages} messages"
+               f" ({made.size / 1e6:.1f} MB) to {made.path} in {made.seconds:.2f} s; integrity_check ok.")
+
+
+@cli.command("systemd")
+@click.option("--user", "user", default=None, help="Account the service runs as [default: you].")
+@click.option("--env-file", default="combot.env", show_default=True, type=click.Path(dir_okay=False),
+              help="File with OPENAI_API_KEY=... and COMBOT_ADMIN_TOKEN=... lines (keep it chmod 600).")
+@_config_option
+def systemd_command(user: str | None, env_file: str, config_path: str | None) -> None:
+    """Print a systemd unit that serves the study in this folder as a service (restarts it if it fails)."""
+    import getpass
+
+    from combot import systemd
+
+    study = _load(config_path)
+    workdir = Path.cwd().resolve()
+    argv = systemd.command() + ["serve"]
+    path = _study_path(config_path)
+    if path:
+        argv += ["--config", str(Path(path).resolve())]
+    click.echo(systemd.unit(workdir=workdir, argv=argv, user=user or getpass.getuser(),
+                            env_file=Path(env_file).resolve(), graceful_timeout=study.settings["server.graceful_timeout"],
+                            title=study.title, pyz=len(systemd.command()) == 2,
+                            database=Path(study.settings["server.database"]).resolve()), nl=False)
+
+
+@cli.command()
 @click.option("--force", is_flag=True, help="Overwrite an existing combot.toml.")
 @click.argument("path", default="combot.toml", type=click.Path(dir_okay=False))
 def init(path: str, force: bool) -> None:
