@@ -64,6 +64,12 @@ class Conflict(CombotError):
     status_code = 409
 
 
+class CollectionClosed(CombotError):
+    """The researcher closed data collection (`combot digest --close`): no new participants or messages."""
+
+    status_code = 410
+
+
 class PayloadTooLarge(CombotError):
     """The body or the message text is over its configured size."""
 

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-from combot.errors import Conflict, Unavailable
+from combot import chain
+from combot.errors import CollectionClosed, Conflict, Unavailable
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 10_000
@@ -110,8 +111,46 @@ def _v4(db: sqlite_utils.Database) -> None:
                                 pk="version", not_null={"text", "first_served_at"})
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4)
+def _v5(db: sqlite_utils.Database) -> None:
+    """Hash chains (combot/chain.py): a hash on every message, participant and status change; the
+    chain head and length on each participant; closing digests. Rows stored before get their
+    chains computed here, once; `meta` records when (the chain is authoritative from then on)."""
+    db["participants"].add_column("hash", str)
+    db["participants"].add_column("chain_head", str)
+    db["participants"].add_column("chain_length", int)
+    db["messages"].add_column("seq", int)
+    db["messages"].add_column("hash", str)
+    db["status_changes"].create({
+        "id": int, "participant_id": str, "seq": int, "at": str, "status": str, "problem_type": str, "scores": str,
+        "finished_at": str, "described_experience": int, "hash": str,
+    }, pk="id", not_null={"participant_id", "seq", "at", "status", "hash"},
+        foreign_keys=[("participant_id", "participants", "id")])
+    db["status_changes"].create_index(["participant_id", "seq"], unique=True)
+    db["digests"].create({"id": int, "at": str, "digest": str, "participants": int, "messages": int, "closing": int},
+                         pk="id", not_null={"at", "digest", "participants", "messages", "closing"})
+    conn = db.conn
+    participants = messages = 0
+    for row in conn.execute("SELECT * FROM participants ORDER BY created_at, id").fetchall():
+        links = _Chain(conn, row["id"], None, 0)
+        links.add_participant(row)
+        for message in conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY id", (row["id"],)):
+            seq, digest = links.add("message", message_link_values(message))
+            conn.execute("UPDATE messages SET seq = ?, hash = ? WHERE id = ?", (seq, digest, message["id"]))
+            messages += 1
+        # The status history before the upgrade is not known: one link holds the values it found.
+        links.add_status({**chain.status_values(row), "at": row["updated_at"] or row["created_at"]})
+        links.save()
+        participants += 1
+    stamp = now()
+    conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
+        ("chain_since", stamp),
+        ("chain_backfilled", f"{participants} participants and {messages} messages stored before {stamp}"),
+    ])
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5)
 SCHEMA_VERSION = len(MIGRATIONS)
+CHAIN_SCHEMA = MIGRATIONS.index(_v5) + 1  # the first schema version with hash chains
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -277,12 +316,15 @@ def create_participant(
             existing = participant_by_platform_id(conn, platform_id)
             if existing is not None:
                 return existing, False
+        _refuse_when_closed(conn)
         counts = cell_counts(conn, fill, active_minutes)
         label, number, factors, method = choose_cell(counts)
         state, greeting = greet(factors)
         stamp = now()
         if declined is not None:
             participant_id = declined["id"]
+            # The decline becomes this session: its chain starts again with the session (as its row does).
+            conn.execute("DELETE FROM status_changes WHERE participant_id = ?", (participant_id,))
             conn.execute("DELETE FROM participants WHERE id = ?", (participant_id,))
         conn.execute(
             "INSERT INTO participants (id, token, cell, cell_number, factors, assignment, state, version, status,"
@@ -292,7 +334,9 @@ def create_participant(
              user_agent[:500], json.dumps(dict(url_params or {})), platform_id, stamp if consented else None,
              client_key, study_version, int(synthetic)),
         )
-        _insert_messages(conn, participant_id, 0, greeting, None, stamp)
+        links = _Chain.new(conn, participant_id, stamp)
+        _insert_messages(conn, links, 0, greeting, None, stamp)
+        links.save()
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
     return row, True
 
@@ -343,12 +387,14 @@ def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str,
                 if existing["status"] != "declined":
                     raise Conflict("this session has already started")
                 return existing, False
+        _refuse_when_closed(conn)
         conn.execute(
             "INSERT INTO participants (id, token, cell, factors, state, version, status, turns, created_at,"
             " updated_at, user_agent, url_params, platform_id, client_key, study_version, synthetic) VALUES (?, ?,"
             " '', '{}', '{}', 0, 'declined', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
             (participant_id, token, stamp, stamp, user_agent[:500], json.dumps(dict(url_params or {})), platform_id,
              client_key, study_version, int(synthetic)))
+        _Chain.new(conn, participant_id, stamp).save()
         row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
     return row, True
 
@@ -456,12 +502,15 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> StoredTurn:
             earlier = replies_to(conn, turn.participant_id, turn.incoming.client_message_id)
             if earlier is not None:
                 return earlier
-        row = conn.execute("SELECT version FROM participants WHERE id = ?", (turn.participant_id,)).fetchone()
+        row = conn.execute("SELECT version, status, problem_type, scores, finished_at, described_experience,"
+                           " chain_head, chain_length FROM participants WHERE id = ?", (turn.participant_id,)).fetchone()
         if row is None or row["version"] != turn.expected_version:
             raise Conflict("another message changed this conversation first; reload to continue")
+        _refuse_when_closed(conn)
         stamp = now()
-        first_id = _insert_messages(conn, turn.participant_id, turn.turn, [turn.incoming], None, stamp)
-        _insert_messages(conn, turn.participant_id, turn.turn, turn.replies, first_id, stamp)
+        links = _Chain(conn, turn.participant_id, row["chain_head"], row["chain_length"] or 0)
+        first_id = _insert_messages(conn, links, turn.turn, [turn.incoming], None, stamp)
+        _insert_messages(conn, links, turn.turn, turn.replies, first_id, stamp)
         sets = {"state": json.dumps(dict(turn.state)), "version": turn.expected_version + 1, "status": turn.status,
                 "turns": turn.turn, "updated_at": stamp}
         if turn.problem_type is not None:
@@ -471,6 +520,11 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> StoredTurn:
             sets["described_experience"] = int(turn.described_experience)
         if turn.status == "finished":
             sets["finished_at"] = stamp
+        before = chain.status_values(row)
+        after = chain.status_values({**dict(row), **sets})
+        if not chain.same_status(before, after):
+            links.add_status({**after, "at": stamp})
+        sets.update(links.saved_columns())
         assignments = ", ".join(f"{name} = ?" for name in sets)
         conn.execute(f"UPDATE participants SET {assignments} WHERE id = ?", (*sets.values(), turn.participant_id))
         if turn.email:
@@ -480,20 +534,175 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> StoredTurn:
                           conn.execute("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", (first_id,)).fetchall())
 
 
-def _insert_messages(conn: sqlite3.Connection, participant_id: str, turn: int, messages: Sequence[NewMessage],
+def _insert_messages(conn: sqlite3.Connection, links: _Chain, turn: int, messages: Sequence[NewMessage],
                      reply_to: int | None, stamp: str) -> int:
-    last = 0
+    # The id is chosen here (what SQLite would choose), because the message's hash covers it.
+    last = int(conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
     for message in messages:
-        cursor = conn.execute(
-            "INSERT INTO messages (participant_id, turn, sender, kind, text, produced_by, model, latency_ms,"
-            " fallback_reason, client_message_id, reply_to, created_at, stage, expects, scores)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (participant_id, turn, message.sender, message.kind, message.text, message.produced_by, message.model,
-             message.latency_ms, message.fallback_reason, message.client_message_id, reply_to, stamp,
-             message.stage, message.expects, json.dumps(dict(message.scores)) if message.scores is not None else None),
+        last += 1
+        scores = json.dumps(dict(message.scores)) if message.scores is not None else None
+        values = {"participant_id": links.participant_id, "message_id": last, "turn": turn, "sender": message.sender,
+                  "kind": message.kind, "text": message.text, "produced_by": message.produced_by,
+                  "model": message.model, "latency_ms": message.latency_ms,
+                  "fallback_reason": message.fallback_reason, "timestamp": stamp, "stage": message.stage,
+                  "expects": message.expects, "scores": chain.scores_text(message.scores)}
+        seq, digest = links.add("message", values)
+        conn.execute(
+            "INSERT INTO messages (id, participant_id, turn, sender, kind, text, produced_by, model, latency_ms,"
+            " fallback_reason, client_message_id, reply_to, created_at, stage, expects, scores, seq, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (last, links.participant_id, turn, message.sender, message.kind, message.text, message.produced_by,
+             message.model, message.latency_ms, message.fallback_reason, message.client_message_id, reply_to, stamp,
+             message.stage, message.expects, scores, seq, digest),
         )
-        last = int(cursor.lastrowid or 0)
     return last
+
+
+# --- hash chains (combot/chain.py) ----------------------------------------------------------------
+
+def participant_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a participant row its `participant` link covers, named as in the export."""
+    declined = row["status"] == "declined"
+    return {"participant_id": row["id"], "cell": row["cell"], "cell_number": row["cell_number"],
+            "assignment": row["assignment"], "started_at": row["created_at"],
+            "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked"}
+
+
+def message_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a message row its link covers, named as in the export."""
+    return {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
+            "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
+            "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
+            "timestamp": row["created_at"], "stage": row["stage"], "expects": row["expects"],
+            "scores": chain.scores_text(json.loads(row["scores"]) if row["scores"] else None)}
+
+
+class _Chain:
+    """A participant's chain while a write transaction extends it (its head was read in that transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection, participant_id: str, head: str | None, length: int):
+        self.conn = conn
+        self.participant_id = participant_id
+        self.head = head
+        self.length = length
+
+    @classmethod
+    def new(cls, conn: sqlite3.Connection, participant_id: str, stamp: str) -> _Chain:
+        """The chain of a participant row just inserted: its `participant` and first `status` links."""
+        row = conn.execute("SELECT * FROM participants WHERE id = ?", (participant_id,)).fetchone()
+        links = cls(conn, participant_id, None, 0)
+        links.add_participant(row)
+        links.add_status({**chain.status_values(row), "at": stamp})
+        return links
+
+    def add(self, kind: str, values: Mapping[str, Any]) -> tuple[int, str]:
+        seq = self.length
+        self.head = chain.link(self.head, kind, values)
+        self.length += 1
+        return seq, self.head
+
+    def add_participant(self, row: sqlite3.Row) -> None:
+        _, digest = self.add("participant", participant_link_values(row))
+        self.conn.execute("UPDATE participants SET hash = ? WHERE id = ?", (digest, self.participant_id))
+
+    def add_status(self, values: Mapping[str, Any]) -> None:
+        values = {**values, "participant_id": self.participant_id}
+        seq, digest = self.add("status", values)
+        self.conn.execute(
+            "INSERT INTO status_changes (participant_id, seq, at, status, problem_type, scores, finished_at,"
+            " described_experience, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.participant_id, seq, values["at"], values["status"], values["problem_type"], values["scores"],
+             values["finished_at"], values["described_experience"], digest))
+
+    def saved_columns(self) -> dict[str, Any]:
+        return {"chain_head": self.head, "chain_length": self.length}
+
+    def save(self) -> None:
+        self.conn.execute("UPDATE participants SET chain_head = ?, chain_length = ? WHERE id = ?",
+                          (self.head, self.length, self.participant_id))
+
+
+def _refuse_when_closed(conn: sqlite3.Connection) -> None:
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'closed_at'").fetchone():
+        raise CollectionClosed("this study has finished collecting data and takes no new conversations or messages;"
+                               " thank you for your interest")
+
+
+def _read_snapshot(conn: sqlite3.Connection) -> Any:
+    """Several reads that must see one moment: a read transaction, unless one is open already."""
+    from contextlib import nullcontext
+
+    if conn.in_transaction:
+        return nullcontext()
+    return snapshot(conn)
+
+
+class snapshot:
+    """`BEGIN` ... `COMMIT` around reads, so they all see the same moment (WAL lets writers go on)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN")
+        return self.conn
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        self.conn.execute("COMMIT")
+
+
+def chain_heads(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(participant id, chain head) of every participant, in the digest's order."""
+    rows = conn.execute("SELECT id, chain_head FROM participants").fetchall()
+    return sorted(((row[0], row[1]) for row in rows), key=lambda pair: pair[0].encode("utf-8"))
+
+
+def study_digest(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The study digest over the stored chain heads, with what it covers and the collection's state."""
+    with _read_snapshot(conn):
+        heads = chain_heads(conn)
+        messages = int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        closing = conn.execute("SELECT * FROM digests WHERE closing = 1 ORDER BY id DESC LIMIT 1").fetchone()
+    return {"digest": chain.digest(heads), "participants": len(heads), "messages": messages,
+            "chain_since": meta.get("chain_since"), "closed_at": meta.get("closed_at"),
+            "closing_digest": closing["digest"] if closing else None}
+
+
+def chains(conn: sqlite3.Connection) -> Iterator[tuple[sqlite3.Row, list[sqlite3.Row], list[sqlite3.Row]]]:
+    """Each participant (by id, bytewise: the digest's order) with its status changes and messages."""
+    for participant in conn.execute("SELECT * FROM participants ORDER BY id").fetchall():
+        changes = conn.execute("SELECT * FROM status_changes WHERE participant_id = ? ORDER BY seq",
+                               (participant["id"],)).fetchall()
+        messages = conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY seq, id",
+                                (participant["id"],)).fetchall()
+        yield participant, changes, messages
+
+
+def message_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of a database as it is (0 when it has none), without migrating it."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def close_collection(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Record the closing digest and stop taking new participants and messages (idempotent: a second
+    close records nothing new and returns the first closing digest)."""
+    with transaction(conn):
+        info = study_digest(conn)
+        if info["closed_at"] is None:
+            stamp = now()
+            conn.execute("INSERT INTO digests (at, digest, participants, messages, closing) VALUES (?, ?, ?, ?, 1)",
+                         (stamp, info["digest"], info["participants"], info["messages"]))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('closed_at', ?)", (stamp,))
+            info.update(closed_at=stamp, closing_digest=info["digest"])
+    return info
 
 
 def ping(conn: sqlite3.Connection) -> bool:
