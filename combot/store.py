@@ -210,6 +210,11 @@ class WriteLock:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
+    # Up to date already (every worker start but the first): no write lock. Taking one would wait
+    # in SQLite's sleeping busy handler behind the serving workers' writes, which hand the lock on
+    # to each other at once, and could time out under load.
+    if schema_version(conn) == SCHEMA_VERSION:
+        return SCHEMA_VERSION
     with transaction(conn):
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
