@@ -37,7 +37,8 @@ GENESIS = bytes(32)
 # engineers' columns join these lists when they exist (null in older rows, so older links still
 # verify); anything not listed here is not covered, see the codebook.
 FIELDS: dict[str, tuple[str, ...]] = {
-    "participant": ("participant_id", "cell", "cell_number", "assignment", "consent", "started_at"),
+    "participant": ("participant_id", "cell", "cell_number", "assignment", "consent", "started_at", "study_version",
+                    "synthetic"),
     "status": ("participant_id", "at", "status", "problem_type", "scores", "finished_at", "described_experience"),
     "message": ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
                 "latency_ms", "fallback_reason", "timestamp", "stage", "expects", "scores"),

@@ -570,7 +570,8 @@ def participant_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
     declined = row["status"] == "declined"
     return {"participant_id": row["id"], "cell": row["cell"], "cell_number": row["cell_number"],
             "assignment": row["assignment"], "started_at": row["created_at"],
-            "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked"}
+            "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked",
+            "study_version": row["study_version"], "synthetic": row["synthetic"]}
 
 
 def message_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -657,8 +658,9 @@ class snapshot:
 
 
 def chain_heads(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    """(participant id, chain head) of every participant, in the digest's order."""
-    rows = conn.execute("SELECT id, chain_head FROM participants").fetchall()
+    """(participant id, chain head) of every participant the study digest covers (synthetic ones,
+    from bench and pilot runs, are not study data), in the digest's order."""
+    rows = conn.execute("SELECT id, chain_head FROM participants WHERE synthetic = 0").fetchall()
     return sorted(((row[0], row[1]) for row in rows), key=lambda pair: pair[0].encode("utf-8"))
 
 
@@ -666,7 +668,8 @@ def study_digest(conn: sqlite3.Connection) -> dict[str, Any]:
     """The study digest over the stored chain heads, with what it covers and the collection's state."""
     with _read_snapshot(conn):
         heads = chain_heads(conn)
-        messages = int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        messages = int(conn.execute("SELECT count(*) FROM messages WHERE participant_id IN"
+                                    " (SELECT id FROM participants WHERE synthetic = 0)").fetchone()[0])
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         closing = conn.execute("SELECT * FROM digests WHERE closing = 1 ORDER BY id DESC LIMIT 1").fetchone()
     return {"digest": chain.digest(heads), "participants": len(heads), "messages": messages,
@@ -682,6 +685,10 @@ def chains(conn: sqlite3.Connection) -> Iterator[tuple[sqlite3.Row, list[sqlite3
         messages = conn.execute("SELECT * FROM messages WHERE participant_id = ? ORDER BY seq, id",
                                 (participant["id"],)).fetchall()
         yield participant, changes, messages
+
+
+def synthetic_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM participants WHERE synthetic != 0").fetchone()[0])
 
 
 def message_count(conn: sqlite3.Connection) -> int:

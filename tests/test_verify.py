@@ -40,10 +40,13 @@ def study_db(tmp_path: Path) -> Callable[..., Path]:
         for n in range(participants):
             pid = f"p{n:02d}"
             store.create_participant(conn, participant_id=pid, token=f"tok-{pid}", choose_cell=_choose(),
-                                     greet=_greet, consented=n % 2 == 0)
+                                     greet=_greet, consented=n % 2 == 0, study_version="v1")
             store.record_turn(conn, _turn(pid, 0, f"my kettle broke ({n})", classify=True))
             store.record_turn(conn, _turn(pid, 1, "=SUM(A1) it was bad", status="finished" if n % 2 else "started"))
         store.record_decline(conn, participant_id="pz", token="tok-pz")
+        store.create_participant(conn, participant_id="s1", token="tok-s1", choose_cell=_choose(), greet=_greet,
+                                 synthetic=True)
+        store.record_turn(conn, _turn("s1", 0, "a bench participant", classify=True))
         conn.close()
         return path
     return make
@@ -60,7 +63,8 @@ def test_untouched_data_verifies(study_db: Callable[..., Path]) -> None:
     path = study_db()
     report = verify.verify_database(path)
     assert report.ok, report.problems
-    assert (report.participants, report.messages) == (4, 15)
+    assert (report.participants, report.messages) == (4, 15)  # the synthetic participant is not study data
+    assert "1 synthetic" in " ".join(report.notes)
     conn = store.connect(path)
     assert report.digest == store.study_digest(conn)["digest"]
     assert verify.verify_database(path, expected_digest=report.digest).ok
@@ -101,6 +105,8 @@ def test_every_row_carries_its_link_and_each_participant_its_head(study_db: Call
     ("UPDATE messages SET stage = 'email' WHERE participant_id = 'p01' AND stage = 'chat'", (),
      "participant p01, message"),
     ("UPDATE participants SET described_experience = 0 WHERE id = 'p02'", (), "participant p02, participant row"),
+    ("UPDATE participants SET synthetic = 1 WHERE id = 'p02'", (), "participant p02, participant row"),
+    ("UPDATE participants SET study_version = 'other' WHERE id = 'p02'", (), "participant p02, participant row"),
     ("INSERT INTO messages (participant_id, turn, sender, kind, text, created_at) VALUES ('p01', 9, 'bot',"
      " 'question', 'added later', '2026-01-01T00:00:00.000Z')", (), "participant p01, message"),
 ])
@@ -198,7 +204,7 @@ def test_closing_records_the_digest_and_refuses_new_participants_and_messages(st
     row, created = store.create_participant(conn, participant_id="q2", token="tok-q2", choose_cell=_choose(),
                                             greet=_greet, platform_id="PLAT")
     assert (row["id"], created) == ("q1", False)
-    assert conn.execute("SELECT count(*) FROM participants").fetchone()[0] == 4
+    assert conn.execute("SELECT count(*) FROM participants").fetchone()[0] == 5
     conn.close()
     assert verify.verify_database(path).digest == closed["closing_digest"]
 
