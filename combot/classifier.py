@@ -14,13 +14,14 @@ import ctypes
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from combot.modelinfo import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, default_model_dir, file_sha256
+from combot.modelinfo import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, file_sha256
+from combot.modelinfo import default_model_dir as default_model_dir  # where it was first defined
 
 HEAD_FORMAT = "combot-head/1"
 
@@ -190,7 +191,8 @@ class Classifier:
         head: Head,
         *,
         threshold: float = 0.0,
-        fallback_label: str = "Other",
+        fallback_label: str | None = "Other",
+        label_map: Mapping[str, str] | None = None,
     ) -> None:
         if head.weights.shape[1] != encoder.dim:
             raise ModelError(
@@ -202,7 +204,10 @@ class Classifier:
         self.encoder = encoder
         self.head = head
         self.threshold = float(threshold)
+        # The study's catch-all, whatever it is called (and whether or not the head has it).
         self.fallback_label = fallback_label
+        # `[classifier] labels`: the head's labels as the study names its problem types.
+        self.label_map = dict(label_map or {})
 
     @classmethod
     def load(
@@ -213,7 +218,8 @@ class Classifier:
         threads: int = 1,
         max_length: int = 128,
         threshold: float = 0.0,
-        fallback_label: str = "Other",
+        fallback_label: str | None = "Other",
+        label_map: Mapping[str, str] | None = None,
     ) -> Classifier:
         """Load the encoder from `model_dir` and the head (default: `model_dir/head.json`)."""
         encoder = Encoder(Path(model_dir), threads=threads, max_length=max_length)
@@ -224,11 +230,12 @@ class Classifier:
                 f"head {head_path} was trained on a different encoder than {encoder.path}; "
                 "retrain it with `combot train`"
             )
-        return cls(encoder, loaded, threshold=threshold, fallback_label=fallback_label)
+        return cls(encoder, loaded, threshold=threshold, fallback_label=fallback_label, label_map=label_map)
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return self.head.labels
+        """The head's labels as the study names them (after `label_map`)."""
+        return tuple(self.label_map.get(label, label) for label in self.head.labels)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length sentence embeddings, shape (len(texts), dim), float32."""
@@ -236,8 +243,8 @@ class Classifier:
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         probs = self.head.probabilities(self.embed(texts))
-        labels = self.head.labels
-        fallback = self.fallback_label if self.fallback_label in labels else None
+        labels = self.labels
+        fallback = self.fallback_label
         results = []
         for row in probs:
             best = int(row.argmax())
@@ -261,6 +268,8 @@ def get_classifier(
     threads: int = 1,
     max_length: int = 128,
     threshold: float = 0.0,
+    fallback_label: str | None = "Other",
+    label_map: Mapping[str, str] | None = None,
 ) -> Classifier:
     """The process-wide classifier for these arguments, loaded once behind a lock."""
     key = (
@@ -269,6 +278,8 @@ def get_classifier(
         threads,
         max_length,
         threshold,
+        fallback_label,
+        tuple(sorted((label_map or {}).items())),
     )
     with _instances_lock:
         found = _instances.get(key)
@@ -279,6 +290,8 @@ def get_classifier(
                 threads=threads,
                 max_length=max_length,
                 threshold=threshold,
+                fallback_label=fallback_label,
+                label_map=label_map,
             )
             _instances[key] = found
         return found

@@ -53,11 +53,12 @@ def _study_path(config_path: str | None) -> str | None:
     return config_path
 
 
-def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | None = None) -> Study:
+def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | None = None,
+          check_classifier: bool = True) -> Study:
     path = _study_path(config_path)
     overrides = {f"{section}.{name}": value for name, value in (flags or {}).items() if value is not None}
     try:
-        return load_study(path, overrides=overrides)
+        return load_study(path, overrides=overrides, check_classifier=check_classifier)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     except ValueError as error:
@@ -108,6 +109,7 @@ def serve(config_path: str | None, **flags: Any) -> None:
             click.echo("  admin token:       from COMBOT_ADMIN_TOKEN / [server] admin_token")
         else:
             click.echo(f"  admin token:       in {token.source}")
+        _show_links(study)
 
     try:
         code = server.serve(study, options, on_ready=ready)
@@ -123,6 +125,21 @@ def _stamped(study: Study) -> Study:
         return versioning.stamp(study)
     except OSError as error:
         raise click.ClickException(f"cannot read the classifier files: {error}") from None
+
+
+def _show_links(study: Study, err: bool = False) -> None:
+    """The hand-off links as a participant would get them, and what looks like a mistake in them."""
+    from combot import recruitment
+
+    links = recruitment.sample_links(study)
+    if links:
+        click.echo(f"Links a finished participant gets (e.g. {recruitment.SAMPLE_PARTICIPANT} in cell 1):", err=err)
+        for label, url in links:
+            click.echo(f"  {label + ':':<17}{url}", err=err)
+    else:
+        click.echo("No survey or completion link: the conversation ends with the thank-you.", err=err)
+    for warning in recruitment.link_warnings(study):
+        click.echo(f"Warning: {warning}", err=err)
 
 
 @cli.command()
@@ -186,9 +203,10 @@ def check(config_path: str | None) -> None:
     study = _stamped(_load(config_path))
     cells = study.cells()
     click.echo(f"{study.path}: OK. {len(cells)} cells, {study.followup_turns} follow-up turns, assignment {study.assignment}.")
-    click.echo(f"Study version {study.version} (stamped on every participant it serves).")
     for cell in cells:
-        click.echo(f"  {study.cell_number(cell)}. {study.cell_label(cell)}  follow-ups: {study.followup_mode(cell)}")
+        click.echo(f"  {study.cell_number(cell)}. {study.cell_description(cell)}  (follow-ups: {study.followup_mode(cell)})")
+    click.echo(f"Study version {study.version} (stamped on every participant it serves).")
+    _show_links(study)
 
 
 LLM_CHECK_TEXT = "I ordered a lamp three weeks ago and when it finally came the box was crushed and the shade was broken."
@@ -366,7 +384,10 @@ def _classifier_settings(config_path: str | None, flags: dict[str, Any]) -> dict
     """The [classifier] settings, with the model directory and head resolved to paths."""
     from combot.classifier import default_model_dir
 
-    cfg = dict(_load(config_path, "classifier", flags).settings.section("classifier"))
+    # Not checked against the head: these commands are how a researcher finds and fixes a mismatch.
+    study = _load(config_path, "classifier", flags, check_classifier=False)
+    cfg = dict(study.settings.section("classifier"))
+    cfg["catch_all"], cfg["problem_types"] = study.catch_all, study.problem_types
     cfg["model_dir"] = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
     cfg["head"] = Path(cfg["head"]) if cfg.get("head") else None
     return cfg
@@ -393,7 +414,8 @@ def classify(texts: tuple[str, ...], as_json: bool, config_path: str | None, **f
     cfg = _classifier_settings(config_path, flags)
     try:
         classifier = Classifier.load(cfg["model_dir"], head=cfg["head"], threads=cfg["threads"],
-                                     max_length=cfg["max_length"], threshold=cfg["threshold"])
+                                     max_length=cfg["max_length"], threshold=cfg["threshold"],
+                                     fallback_label=cfg["catch_all"], label_map=cfg["labels"])
     except (ModelError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     for text, result in zip(texts, classifier.classify(list(texts))):
@@ -440,6 +462,11 @@ def train(csv_path: Path, out_dir: Path, folds: int, l2: float | None, config_pa
     click.echo(result.cv.table())
     click.echo(f"\nWrote {result.head_path}. To use it, put this in combot.toml:\n")
     click.echo(f'[classifier]\nhead = "{result.head_path.as_posix()}"')
-    if "Other" not in result.labels:
-        click.echo("\nNote: with no label 'Other', the [classifier] threshold has nothing to fall back to.")
+    types = cfg["problem_types"]
+    if set(result.labels) - set(types) or set(types) - set(result.labels) - {cfg["catch_all"]}:
+        click.echo(f"\nIts labels ({', '.join(result.labels)}) are not the study's problem types ({', '.join(types)}):"
+                   " rename [study] problem_types, or map them with [classifier] labels = { LABEL = \"TYPE\", ... }.")
+    if cfg["catch_all"] not in result.labels:
+        click.echo(f"\nNote: with no label '{cfg['catch_all']}' (the study's catch-all), only the [classifier]"
+                   " threshold files a message under it.")
 # --- end classifier commands ---

@@ -28,6 +28,17 @@ class ConfigError(CombotError):
         super().__init__(f"{where}{message}")
 
 
+class ConfigErrors(ConfigError):
+    """Several problems in the study file (or settings), one line each, every one naming its line."""
+
+    def __init__(self, errors: list[ConfigError]):
+        first = errors[0]
+        self.errors = errors
+        self.path, self.line, self.key, self.reason = first.path, first.line, first.key, first.reason
+        heading = f"{first.path} has" if first.path else "There are"
+        Exception.__init__(self, f"{heading} {len(errors)} problems:\n" + "\n".join(f"  {e}" for e in errors))
+
+
 class BadRequest(CombotError):
     """The request is malformed (not JSON, wrong shape, wrong type)."""
 

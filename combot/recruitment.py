@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from combot.engine import fill_template
 from combot.settings import Settings
@@ -71,3 +72,42 @@ def completion_redirect(study: Study, values: Mapping[str, str]) -> dict[str, An
         "label": study.completion_label,
         "after_seconds": None if study.survey_url else REDIRECT_DELAY_SECONDS,
     }
+
+
+# A participant as `check` and `serve` show the links: what a real one would get, with made-up values.
+SAMPLE_PARTICIPANT = "p3f0a9c1d2e4b"
+
+
+def sample_values(study: Study) -> dict[str, str]:
+    """Placeholder values of a made-up participant in cell 1 who opened the link with every kept parameter."""
+    values = {"participant_id": SAMPLE_PARTICIPANT, "cell": "1"}
+    for name in param_names(study.settings):
+        values[name] = f"{name}-123"
+    return values
+
+
+def sample_links(study: Study) -> list[tuple[str, str]]:
+    """The survey and completion links as that participant would get them (label, URL)."""
+    values = sample_values(study)
+    links = []
+    if study.survey_url:
+        links.append(("survey link", fill_template(study.survey_url, values)))
+    if study.completion_url:
+        links.append(("completion link", fill_template(study.completion_url, values)))
+    return links
+
+
+def link_warnings(study: Study) -> list[str]:
+    """Mistakes in the hand-off that are legal but probably unintended."""
+    out = []
+    for key, url in (("url", study.survey_url), ("completion_url", study.completion_url)):
+        host = (urlsplit(url).hostname or "") if url else ""
+        if "example" in host.split("."):
+            out.append(f"[survey] {key} still points at {host}, an example address: put your own link there.")
+    prolific = [name for name in param_names(study.settings) if name.upper().startswith("PROLIFIC")]
+    if prolific and not study.completion_url:
+        out.append(f"[recruitment] keeps Prolific's {', '.join(prolific)} but [survey] completion_url is empty:"
+                   " Prolific participants are not sent back with their completion code. Set completion_url ="
+                   " \"https://app.prolific.com/submissions/complete?cc=YOUR_CODE\", or drop Prolific's"
+                   " parameters from [recruitment] params.")
+    return out

@@ -226,6 +226,91 @@ class Settings:
         return self.values[name]
 
 
+# The range each numeric setting must lie in (inclusive; None: unbounded), checked once at load,
+# in the process that reads the file, so no worker ever starts with a value it cannot use.
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "server.port": (1, 65535), "server.workers": (1, 256), "server.request_timeout": (0.1, None),
+    "server.graceful_timeout": (0, None), "server.max_requests": (0, None), "server.max_message_chars": (1, None),
+    "server.max_body_bytes": (1024, None), "server.rate_limit": (0, None),
+    "classifier.threshold": (0.0, 1.0), "classifier.max_length": (2, 512), "classifier.threads": (1, 64),
+    "llm.temperature": (0.0, 2.0), "llm.max_tokens": (1, None), "llm.timeout": (0.1, None),
+    "llm.max_in_flight": (1, None), "llm.max_calls_per_participant": (0, None),
+    "llm.breaker_failures": (0, None), "llm.breaker_cooldown": (0.1, None),
+    "admin.window_minutes": (1, 7 * 24 * 60), "admin.memory_warn_percent": (0, 100),
+    "admin.reply_warn_seconds": (0, None), "admin.success_warn_percent": (0, 100),
+}
+
+
+def out_of_range(dotted: str, value: Any) -> str | None:
+    """Why `value` is outside the declared range of the setting, or None when it fits."""
+    low, high = LIMITS.get(dotted, (None, None))
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be between {low:g} and {high:g}, not {value:g}"
+    if low is not None and value < low:
+        return f"must be at least {low:g}, not {value:g}"
+    if high is not None and value > high:
+        return f"must be at most {high:g}, not {value:g}"
+    return None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A setting that cannot be used: where its value came from ("file", "environment", "flag") and why."""
+
+    section: str
+    name: str
+    source: str
+    message: str
+
+    @property
+    def where(self) -> str:
+        opt = option(self.section, self.name)
+        if self.source == "environment":
+            return f"environment variable {opt.env_name}"
+        if self.source == "flag":
+            return "--" + self.name.replace("_", "-")
+        return f"[{self.section}] {self.name}"
+
+
+def resolve_checked(
+    file_values: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Settings, list[Problem]]:
+    """Like `resolve`, but every unusable value (type or range) is collected, not only the first;
+    an unusable value leaves the default in its place."""
+    environ = os.environ if environ is None else environ
+    file_values = file_values or {}
+    overrides = overrides or {}
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    problems: list[Problem] = []
+    for opt in OPTIONS:
+        dotted = f"{opt.section}.{opt.name}"
+        value = opt.default
+        candidates = []
+        from_file = file_values.get(opt.section, {})
+        if opt.name in from_file:
+            candidates.append(("file", from_file[opt.name], f"[{opt.section}] in the study file"))
+        if opt.env_name in environ:
+            candidates.append(("environment", environ[opt.env_name], f"environment variable {opt.env_name}"))
+        if overrides.get(dotted) is not None:
+            candidates.append(("flag", overrides[dotted], f"--{opt.name.replace('_', '-')}"))
+        for source, raw, described in candidates:
+            try:
+                converted = opt.convert(raw, described)
+            except ValueError as error:
+                problems.append(Problem(opt.section, opt.name, source, str(error).rsplit(" (", 1)[0]
+                                        .removeprefix(opt.name + " ")))
+                continue
+            reason = out_of_range(dotted, converted) if opt.kind in (int, float) else None
+            if reason:
+                problems.append(Problem(opt.section, opt.name, source, reason))
+                continue
+            value = converted
+        values[opt.section][opt.name] = value
+    return Settings(values), problems
+
+
 def resolve(
     file_values: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,

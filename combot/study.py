@@ -13,11 +13,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
-from combot.errors import ConfigError
+from combot.errors import ConfigError, ConfigErrors
+from combot.modelinfo import ENCODER_FILE, TOKENIZER_FILE, head_labels, model_paths
 from combot.resources import logo_problem
-from combot.settings import OPTIONS, SECTIONS, Settings, option, resolve
+from combot.settings import OPTIONS, SECTIONS, Settings, option, resolve, resolve_checked
 
 Cell = Mapping[str, str]
 
@@ -47,6 +48,10 @@ ASSIGNMENT_METHODS = ("balanced", "random")
 # What counts towards a cell's size for balanced assignment (see store.cell_counts).
 FILL_RULES = ("started", "finished_or_active")
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+# A {NAME} in a text or URL; each kind of block fills in only the names listed here.
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+TEXT_PLACEHOLDERS: dict[str, set[str]] = {"paraphrase": {"reflection"}}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,10 @@ class Study:
 
     def cell_label(self, cell: Cell) -> str:
         return "-".join(cell[name] for name in self.factors)
+
+    def cell_description(self, cell: Cell) -> str:
+        """The cell for people: `brand: bramble · think: high · feel: low`."""
+        return " · ".join(f"{name}: {cell[name]}" for name in self.factors)
 
     def cell_number(self, cell: Cell) -> int:
         return self.cells().index(dict(cell)) + 1
@@ -171,10 +180,13 @@ def _line_index(source: str) -> dict[tuple[Any, ...], int]:
 
 
 class _Checker:
+    """Where each key of the file is, and every problem found so far (all are reported, not only the first)."""
+
     def __init__(self, path: str, source: str):
         self.path = path
         self.lines = _line_index(source)
         self.source_lines = source.splitlines()
+        self.errors: list[ConfigError] = []
 
     def line(self, *key: Any) -> int | None:
         for end in range(len(key), 0, -1):
@@ -193,6 +205,17 @@ class _Checker:
                     break
         return ConfigError(message, path=self.path, line=line, key=shown)
 
+    def add(self, message: str, *key: Any, text: str | None = None) -> None:
+        self.errors.append(self.fail(message, *key, text=text))
+
+    def attempt(self, fn: Callable[[], T]) -> T | None:
+        """Run one independent check; its ConfigError is recorded and checking goes on."""
+        try:
+            return fn()
+        except ConfigError as error:
+            self.errors.append(error)
+            return None
+
     def typed(self, value: Any, kind: type, *key: Any) -> Any:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
@@ -206,12 +229,18 @@ class _Checker:
         for name in table:
             if name not in allowed:
                 hint = ", ".join(sorted(allowed))
-                raise self.fail(f"unknown key '{name}' (expected one of: {hint})", *key, name)
+                self.add(f"unknown key '{name}' (expected one of: {hint})", *key, name)
 
 
 def load_study(path: str | Path | None = None, *, source: str | None = None, environ: Mapping[str, str] | None = None,
-               overrides: Mapping[str, Any] | None = None) -> Study:
-    """Read and check a study file (or `source` text); the bundled default when both are None."""
+               overrides: Mapping[str, Any] | None = None, check_classifier: bool = True) -> Study:
+    """Read and check a study file (or `source` text); the bundled default when both are None.
+
+    Everything `serve` needs is checked here, once, before any worker starts: types, ranges, files
+    that must exist, placeholders, and that the classifier's labels are the study's problem types
+    (not with `check_classifier=False`: `combot train` makes the head that fixes a mismatch). Every
+    problem found is reported (ConfigErrors), each naming its line.
+    """
     if source is None:
         if path is None:
             from combot.resources import default_study_path
@@ -229,72 +258,106 @@ def load_study(path: str | Path | None = None, *, source: str | None = None, env
     except tomllib.TOMLDecodeError as error:
         match = re.search(r"line (\d+)", str(error))
         raise ConfigError(f"not valid TOML: {error}", path=shown_path, line=int(match.group(1)) if match else None) from None
-    return _build(data, _Checker(shown_path, source), environ, overrides)
+    check = _Checker(shown_path, source)
+    result = _build(data, check, environ, overrides, check_classifier)
+    if len(check.errors) == 1:
+        raise check.errors[0]
+    if check.errors:
+        raise ConfigErrors(sorted(check.errors, key=lambda e: e.line or 0))
+    assert result is not None
+    return result
 
 
 def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | None,
-           overrides: Mapping[str, Any] | None) -> Study:
+           overrides: Mapping[str, Any] | None, check_classifier: bool = True) -> Study | None:
     top_level = {"study", "factors", "survey", *SECTIONS, *BLOCK_KINDS}
     check.known(data, top_level)
 
-    study = check.typed(data.get("study", {}), dict, "study")
+    study = check.attempt(lambda: check.typed(data.get("study", {}), dict, "study")) or {}
     check.known(study, set(STUDY_KEYS), "study")
     for key, kind in STUDY_KEYS.items():
-        if key in study:
-            check.typed(study[key], kind, "study", key)
+        if key in study and check.attempt(lambda: check.typed(study[key], kind, "study", key)) is None:
+            del study[key]  # reported; the default stands in so the rest can still be checked
     followup_turns = study.get("followup_turns", 4)
     if not 0 <= followup_turns <= 20:
-        raise check.fail("must be between 0 and 20", "study", "followup_turns")
+        check.add("must be between 0 and 20", "study", "followup_turns")
     problem_types = tuple(study.get("problem_types", ["A", "B", "C", "Other"]))
     if len(problem_types) < 2 or len(set(problem_types)) != len(problem_types):
-        raise check.fail("needs at least two different problem types", "study", "problem_types")
+        check.add("needs at least two different problem types", "study", "problem_types")
     assignment = study.get("assignment", "balanced")
     if assignment not in ASSIGNMENT_METHODS:
-        raise check.fail(f"must be one of {', '.join(ASSIGNMENT_METHODS)}", "study", "assignment")
+        check.add(f"must be one of {', '.join(ASSIGNMENT_METHODS)}", "study", "assignment")
     if study.get("fill", "started") not in FILL_RULES:
-        raise check.fail(f"must be one of {', '.join(FILL_RULES)}", "study", "fill")
+        check.add(f"must be one of {', '.join(FILL_RULES)}", "study", "fill")
     if not 1 <= study.get("active_minutes", 30) <= 7 * 24 * 60:
-        raise check.fail("must be between 1 and 10080 minutes", "study", "active_minutes")
+        check.add("must be between 1 and 10080 minutes", "study", "active_minutes")
 
-    factors_table = check.typed(data.get("factors", {}), dict, "factors")
+    factors_table = check.attempt(lambda: check.typed(data.get("factors", {}), dict, "factors")) or {}
     if not factors_table:
-        raise check.fail("the study needs at least one factor, e.g. brand = [\"basic\", \"bramble\"]", "factors")
+        check.add("the study needs at least one factor, e.g. brand = [\"basic\", \"bramble\"]", "factors")
     factors: dict[str, tuple[str, ...]] = {}
     for name, levels in factors_table.items():
-        check.typed(levels, list, "factors", name)
+        if check.attempt(lambda: check.typed(levels, list, "factors", name)) is None:
+            continue
         if not levels or len(set(levels)) != len(levels):
-            raise check.fail("needs one or more distinct levels", "factors", name)
-        if name == "problem":
-            raise check.fail("'problem' is reserved for the problem type", "factors", name)
-        factors[name] = tuple(levels)
+            check.add("needs one or more distinct levels", "factors", name)
+        elif name == "problem":
+            check.add("'problem' is reserved for the problem type", "factors", name)
+        else:
+            factors[name] = tuple(levels)
 
-    survey = check.typed(data.get("survey", {}), dict, "survey")
+    survey = check.attempt(lambda: check.typed(data.get("survey", {}), dict, "survey")) or {}
     check.known(survey, set(SURVEY_KEYS), "survey")
-    for key in survey:
-        check.typed(survey[key], str, "survey", key)
+    for key in list(survey):
+        if check.attempt(lambda: check.typed(survey[key], str, "survey", key)) is None:
+            del survey[key]
 
     file_settings: dict[str, dict[str, Any]] = {}
     for section in SECTIONS:
-        table = check.typed(data.get(section, {}), dict, section)
+        table = check.attempt(lambda: check.typed(data.get(section, {}), dict, section)) or {}
         allowed = {o.name for o in OPTIONS if o.section == section}
         check.known(table, allowed, section)
-        file_settings[section] = table
-    try:
-        settings = resolve(file_settings, environ, overrides)
-    except ValueError as error:
-        raise check.fail(str(error), *_first_key(str(error), file_settings)) from None
-    _check_llm_settings(settings, check, os.environ if environ is None else environ, overrides or {})
+        file_settings[section] = {k: v for k, v in table.items() if k in allowed}
+    settings, problems = resolve_checked(file_settings, environ, overrides)
+    for problem in problems:
+        if problem.source == "file":
+            check.add(problem.message, problem.section, problem.name)
+        else:
+            check.errors.append(ConfigError(f"{problem.where} {problem.message}"))
+    bad_settings = {(p.section, p.name) for p in problems}
+    environ = os.environ if environ is None else environ
+
+    def where(section: str, name: str) -> str:
+        """Where a setting's value came from: "file", or the flag or environment variable that set it."""
+        opt = option(section, name)
+        if (overrides or {}).get(f"{section}.{name}") is not None:
+            return "--" + name.replace("_", "-")
+        if opt.env_name in environ:
+            return f"environment variable {opt.env_name}"
+        return "file" if name in file_settings.get(section, {}) else f"[{section}] {name} (default)"
+
+    # Without the classifier check (`combot train`, `classify`), the head may not exist yet.
+    _check_files(settings, check, bad_settings | (set() if check_classifier else {("classifier", "head")}), where)
 
     blocks: dict[str, tuple[Block, ...]] = {}
     for kind, spec in BLOCK_KINDS.items():
         entries = data.get(kind, [])
         if not isinstance(entries, list):
-            raise check.fail(f"write it as [[{kind}]] blocks", kind)
+            check.add(f"write it as [[{kind}]] blocks", kind)
+            entries = []
         parsed = []
         for position, entry in enumerate(entries):
-            parsed.append(_block(kind, spec, entry, position, factors, problem_types, check))
+            block = check.attempt(lambda: _block(kind, spec, entry, position, factors, problem_types, check))
+            if block is not None:
+                parsed.append(block)
         blocks[kind] = tuple(parsed)
 
+    _check_survey_links(survey, settings, check)
+    if check_classifier and not bad_settings & {("classifier", "head"), ("classifier", "model_dir"),
+                                                ("classifier", "labels")}:
+        _check_classifier_labels(problem_types, settings, check)
+    if check.errors:
+        return None  # coverage is checked on a study whose parts all loaded
     result = Study(
         title=study.get("title", "Customer service conversation"),
         factors=factors,
@@ -317,37 +380,77 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
     return result
 
 
-# The smallest sensible value of each numeric [llm] setting: caught here, before the server binds,
-# rather than in every worker's start-up.
-_LLM_MINIMUMS = {"timeout": 0.1, "max_in_flight": 1, "max_tokens": 1, "max_calls_per_participant": 0,
-                 "temperature": 0.0, "breaker_failures": 0, "breaker_cooldown": 0.1}
+def _check_files(settings: Settings, check: _Checker, bad: set[tuple[str, str]],
+                 where: Callable[[str, str], str]) -> None:
+    """Files and folders the settings name must exist (the database itself is created when missing)."""
+    def at(section: str, name: str, message: str) -> None:
+        source = where(section, name)
+        if source == "file":
+            check.add(message, section, name)
+        else:
+            check.errors.append(ConfigError(f"{source}: {message}"))
+
+    model_dir, head = model_paths(settings)
+    if ("classifier", "model_dir") not in bad:
+        for required in (model_dir / ENCODER_FILE, model_dir / TOKENIZER_FILE):
+            if not required.is_file():
+                at("classifier", "model_dir", f"no classifier at {model_dir}: {required.name} is missing")
+                break
+    if ("classifier", "head") not in bad and not head.is_file():
+        at("classifier", "head", f"no head file at {head} (train one with `combot train LABELED.CSV --out DIR`)")
+    for name in ("database", "access_log"):
+        value = settings[f"server.{name}"]
+        if value and value != "-" and not Path(value).resolve().parent.is_dir():
+            at("server", name, f"the folder {Path(value).resolve().parent} does not exist")
 
 
-def _check_llm_settings(settings: Settings, check: _Checker, environ: Mapping[str, str],
-                        overrides: Mapping[str, Any]) -> None:
-    for name, minimum in _LLM_MINIMUMS.items():
-        if settings[f"llm.{name}"] < minimum:
-            opt = option("llm", name)
-            if overrides.get(f"llm.{name}") is not None:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}")
-            if opt.env_name in environ:
-                raise ConfigError(f"environment variable {opt.env_name} must be at least {minimum}")
-            raise check.fail(f"must be at least {minimum}", "llm", name)
-
-
-def _first_key(message: str, file_settings: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
-    for section, table in file_settings.items():
-        for name in table:
-            if message.startswith(name + " "):
-                return (section, name)
-    return ()
+def _check_classifier_labels(problem_types: tuple[str, ...], settings: Settings, check: _Checker) -> None:
+    """The head's labels, after `[classifier] labels`, must be the study's problem types (the catch-all,
+    the last of them, may be missing from the head: the threshold falls back to it)."""
+    catch_all = problem_types[-1]
+    _, head = model_paths(settings)
+    if not head.is_file():
+        return  # reported by _check_files
+    try:
+        raw_labels = head_labels(head)
+    except ValueError as error:
+        check.add(str(error), "classifier", "head")
+        return
+    mapping = settings["classifier.labels"]
+    where = ("classifier", "labels") if ("classifier", "labels") in check.lines else ("study", "problem_types")
+    for name, target in mapping.items():
+        if name not in raw_labels:
+            check.add(f"names '{name}', which the classifier head does not answer (it answers:"
+                      f" {', '.join(raw_labels)})", "classifier", "labels")
+            return
+        if target not in problem_types:
+            check.add(f"maps {name} to '{target}', which is not a problem type ({', '.join(problem_types)})",
+                      "classifier", "labels")
+            return
+    mapped = [mapping.get(label, label) for label in raw_labels]
+    if set(mapped) in (set(problem_types), set(problem_types) - {catch_all}) \
+            and len(set(mapped)) == len(mapped):
+        return
+    unmatched = [label for label in raw_labels if mapping.get(label, label) not in problem_types]
+    missing = [p for p in problem_types if p not in mapped and p != catch_all]
+    suggestion = ""
+    if unmatched and len(unmatched) == len(missing):
+        pairs = ", ".join(f'{a} = "{b}"' for a, b in zip(unmatched, missing))
+        suggestion = f" (here: labels = {{ {pairs} }})"
+    check.add(f"the classifier head {head} answers {', '.join(mapped)} but the study's problem types are"
+              f" {', '.join(problem_types)}. Map the head's labels to them under [classifier]{suggestion},"
+              " or train a head on your own labels with `combot train` and select it with [classifier] head",
+              *where)
 
 
 def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factors: Mapping[str, tuple[str, ...]],
            problem_types: tuple[str, ...], check: _Checker) -> Block:
     key = (kind, position)
     check.typed(entry, dict, *key)
-    check.known(entry, set(spec["keys"]) | {"when"}, *key)
+    for name in entry:
+        if name not in set(spec["keys"]) | {"when"}:
+            raise check.fail(f"unknown key '{name}' (expected one of: {', '.join(sorted(set(spec['keys']) | {'when'}))})",
+                             *key, name)
     when = check.typed(entry.get("when", {}), dict, *key, "when")
     for factor, level in when.items():
         if factor == "problem" and spec["problem"]:
@@ -376,9 +479,12 @@ def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factor
             raise check.fail(f"task must be one of {', '.join(LLM_TASKS)}", *key, "task")
         if not values["system"].strip():
             raise check.fail("must not be empty", *key, "system")
-    if kind == "paraphrase":
-        for text in (*values["texts"], *values.get("short_texts", ())):
-            _check_placeholders(text, {"reflection"}, check, *key, "texts")
+    # Placeholders: only paraphrase templates fill one ({reflection}); anywhere else a {NAME} would
+    # reach participants as it is written.
+    allowed = TEXT_PLACEHOLDERS.get(kind, set())
+    for name in ("text", "texts", "short_texts", "system"):
+        for text in ([values[name]] if isinstance(values.get(name), str) else values.get(name, [])):
+            _check_placeholders(text, allowed, check, *key, name)
     for name in ("text",):
         if name in values and kind not in ("empathy",) and not values[name].strip():
             raise check.fail("must not be empty", *key, name)
@@ -386,43 +492,63 @@ def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factor
 
 
 def _check_placeholders(text: str, allowed: set[str], check: _Checker, *key: Any) -> None:
-    for name in re.findall(r"\{([^{}]*)\}", text):
+    for name in PLACEHOLDER.findall(text):
         if name not in allowed:
-            raise check.fail(f"unknown placeholder {{{name}}} (allowed: {', '.join('{' + a + '}' for a in sorted(allowed))})",
-                             *key, text=text)
+            known = (f"known here: {', '.join('{' + a + '}' for a in sorted(allowed))}" if allowed
+                     else "this text fills in no placeholders")
+            raise check.fail(f"unknown placeholder {{{name}}} ({known})", *key, text=text)
+
+
+def link_placeholders(settings: Settings) -> tuple[str, ...]:
+    """What the survey and completion URLs may name: {participant_id}, {cell} and each kept URL parameter."""
+    names = ["participant_id", "cell", *settings["recruitment.params"]]
+    if settings["recruitment.platform_id"]:
+        names.append(settings["recruitment.platform_id"])
+    return tuple(dict.fromkeys(names))
+
+
+def _check_survey_links(survey: Mapping[str, str], settings: Settings, check: _Checker) -> None:
+    known = link_placeholders(settings)
+    for key in ("url", "completion_url"):
+        for name in re.findall(r"\{([^{}]*)\}", survey.get(key, "")):
+            if name not in known:
+                check.add(f"unknown placeholder {{{name}}} (known: {', '.join('{' + k + '}' for k in known)};"
+                          " a URL parameter must be listed in [recruitment] params to be kept)", "survey", key)
 
 
 def _check_coverage(study: Study, check: _Checker) -> None:
-    """Every cell must have every text it can need, so no participant can reach a gap."""
+    """Every cell must have every text it can need, so no participant can reach a gap (the first gap
+    of each kind is reported)."""
+    reported: set[str] = set()
+
+    def gap(kind: str, message: str, *key: Any) -> None:
+        if kind not in reported:
+            reported.add(kind)
+            check.add(message, *key)
+
     for cell in study.cells():
         label = study.cell_label(cell)
         for kind in ("presentation", "greeting", "empathy", "closing", "email_retry", "thanks"):
             if study.block(kind, cell) is None:
-                raise check.fail(f"no [[{kind}]] block applies to cell {label}", kind)
+                gap(kind, f"no [[{kind}]] block applies to cell {label}", kind)
         mode = study.followup_mode(cell)
         for problem in study.problem_types:
             if study.followup_turns and not study.texts("paraphrase", cell, problem):
-                raise check.fail(f"no [[paraphrase]] block applies to cell {label}, problem {problem}", "paraphrase")
+                gap("paraphrase", f"no [[paraphrase]] block applies to cell {label}, problem {problem}", "paraphrase")
             if (study.followup_turns and study.settings["llm.base_url"]
                     and study.llm_prompt("paraphrase", cell, problem) is None):
-                raise check.fail(f"an LLM is configured but no [[llm_prompt]] with task = \"paraphrase\" applies to"
-                                 f" cell {label}, problem {problem}", "llm_prompt")
+                gap("llm_prompt", f"an LLM is configured but no [[llm_prompt]] with task = \"paraphrase\" applies to"
+                                  f" cell {label}, problem {problem}", "llm_prompt")
             if mode == "questions" and problem != study.catch_all and study.followup_turns:
                 bank = study.block("questions", cell, problem)
                 if bank is None:
-                    raise check.fail(f"no [[questions]] bank for cell {label}, problem {problem}", "questions")
-                if len(bank.values["texts"]) < study.followup_turns:
-                    raise check.fail(
+                    gap("questions", f"no [[questions]] bank for cell {label}, problem {problem}", "questions")
+                elif len(bank.values["texts"]) < study.followup_turns:
+                    gap("questions",
                         f"the bank for cell {label}, problem {problem} has {len(bank.values['texts'])} questions;"
                         f" followup_turns = {study.followup_turns} needs that many", "questions",
                         study.blocks["questions"].index(bank), "texts")
     for position, block in enumerate(study.blocks.get("presentation", ())):
         problem = logo_problem(study.path, str(block.values["logo"])) if block.values.get("logo") else ""
         if problem:
-            raise check.fail(problem, "presentation", position, "logo")
-    # Survey placeholders: {participant_id}, {cell}, or a captured URL parameter's name.
-    for key, template in (("url", study.survey_url), ("completion_url", study.completion_url)):
-        for name in re.findall(r"\{([^{}]*)\}", template):
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise check.fail(f"bad placeholder {{{name}}}: use {{participant_id}}, {{cell}} or a URL parameter name",
-                                 "survey", key)
+            check.add(problem, "presentation", position, "logo")

@@ -50,4 +50,4 @@ def load_classifier(study: Study) -> Classifier:
     model_dir = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
     head = Path(cfg["head"]) if cfg["head"] else None
     return get_classifier(model_dir, head=head, threads=cfg["threads"], max_length=cfg["max_length"],
-                          threshold=cfg["threshold"])
+                          threshold=cfg["threshold"], fallback_label=study.catch_all, label_map=cfg["labels"])

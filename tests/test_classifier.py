@@ -78,9 +78,19 @@ def test_a_weak_top_label_becomes_other_under_the_threshold(shipped: Classifier)
     held = strict.classify([text])[0]
     assert (held.label, held.top) == ("Other", "B")
     assert held.scores == pytest.approx(free.scores)
-    # A fallback label the head does not have leaves the top label alone.
-    no_fallback = Classifier.load(MODEL_DIR, threshold=1.0, fallback_label="Nothing")
+    # The fallback is the study's catch-all, whatever it is called and whether or not the head has it.
+    renamed = Classifier.load(MODEL_DIR, threshold=1.0, fallback_label="Anything else")
+    assert renamed.classify([text])[0].label == "Anything else"
+    no_fallback = Classifier.load(MODEL_DIR, threshold=1.0, fallback_label=None)
     assert no_fallback.classify([text])[0].label == "B"
+
+
+def test_a_label_map_names_the_head_labels_as_the_study_does(shipped: Classifier) -> None:
+    text = CLEAR["A"][0]
+    mapped = Classifier.load(MODEL_DIR, label_map={"A": "Product", "Other": "Rest"}, fallback_label="Rest")
+    result = mapped.classify([text])[0]
+    assert result.label == result.top == "Product" and set(result.scores) == {"Product", "B", "C", "Rest"}
+    assert result.scores["Product"] == pytest.approx(shipped.classify([text])[0].scores["A"])
 
 
 def test_padding_is_per_batch_and_keeps_labels(shipped: Classifier) -> None:

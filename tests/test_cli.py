@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 import pytest
@@ -41,3 +42,91 @@ def test_serve_flags_are_declared_settings() -> None:
     assert isinstance(serve, click.Command)
     names = {p.name for p in serve.params}
     assert {"workers", "host", "port", "database", "config_path", "trusted_hosts", "max_requests"} <= names
+
+
+# --- the researcher's mistakes (issue 12): check refuses what serve would, with every line at fault ---
+
+def line_of(path: Path, needle: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
+
+
+def check(path: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)], env=env or {})
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+RENAMED = {'problem_types = ["A", "B", "C", "Other"]': 'problem_types = ["Product", "B", "C", "Other"]',
+           'problem = "A"': 'problem = "Product"'}
+
+
+def test_a_renamed_problem_type_is_refused_until_the_head_agrees(study_file: Callable[..., Path]) -> None:
+    path = study_file(RENAMED)
+    code, out = check(path)
+    assert code != 0
+    assert f"{path}, line {line_of(path, 'problem_types =')}: [study.problem_types]" in out
+    assert "answers A, B, C, Other" in out and "problem types are Product, B, C, Other" in out
+    assert 'labels = { A = "Product" }' in out and "combot train" in out
+    mapped = study_file({**RENAMED, "threshold = 0.4": 'threshold = 0.4\nlabels = { A = "Product" }'}, name="m.toml")
+    code, out = check(mapped)
+    assert code == 0, out
+    wrong = study_file({**RENAMED, "threshold = 0.4": 'threshold = 0.4\nlabels = { X = "Product" }'}, name="w.toml")
+    code, out = check(wrong)
+    assert code != 0 and f"line {line_of(wrong, 'labels =')}: [classifier.labels] names 'X'" in out
+
+
+def test_the_threshold_falls_back_to_the_catch_all_whatever_it_is_called(study_file: Callable[..., Path]) -> None:
+    from combot.study import load_study
+    from combot.worker import load_classifier
+
+    path = study_file({'"A", "B", "C", "Other"]': '"Product", "B", "C", "Anything else"]', 'problem = "A"': 'problem = "Product"',
+                       'problem = "Other"': 'problem = "Anything else"',
+                       "threshold = 0.4": 'threshold = 1.0\nlabels = { A = "Product", Other = "Anything else" }'})
+    study = load_study(path, environ={})
+    verdict = load_classifier(study).classify(["My new kettle broke after two days, the handle melted."])[0]
+    assert verdict.top == "Product" and verdict.label == "Anything else"
+    assert set(verdict.scores) == {"Product", "B", "C", "Anything else"}
+
+
+def test_check_reports_every_error_each_with_its_line(study_file: Callable[..., Path], tmp_path: Path) -> None:
+    path = study_file({"threshold = 0.4": f'threshold = 4\nhead = "{tmp_path}/missing/head.json"',
+                       "workers = 8": "workers = 0", "port = 8000": 'port = "eighty"',
+                       'assignment = "balanced"': 'assignment = "fair"'})
+    code, out = check(path)
+    assert code != 0 and "has 5 problems" in out
+    for needle, message in (("threshold = 4", "[classifier.threshold] must be between 0 and 1, not 4"),
+                            ("head = ", "[classifier.head] no head file at"),
+                            ("workers = 0", "[server.workers] must be between 1 and 256, not 0"),
+                            ('port = "eighty"', "[server.port] must be a whole number"),
+                            ('assignment = "fair"', "[study.assignment] must be one of balanced, random")):
+        assert f"{path}, line {line_of(path, needle)}: {message}" in out, (message, out)
+    code, out = check(study_file(), env={"COMBOT_THRESHOLD": "1.5"})
+    assert code != 0 and "environment variable COMBOT_THRESHOLD must be between 0 and 1, not 1.5" in out
+
+
+def test_unknown_placeholders_are_errors_naming_the_line_and_the_known_names(study_file: Callable[..., Path]) -> None:
+    path = study_file({"?pid={participant_id}": "?pid={PROLIFIC_ID}"})
+    code, out = check(path)
+    assert code != 0
+    assert f"line {line_of(path, 'PROLIFIC_ID')}: [survey.url] unknown placeholder {{PROLIFIC_ID}}" in out
+    assert "{participant_id}, {cell}, {PROLIFIC_PID}" in out
+    greeting = study_file({"Hi there, thanks": "Hi {first_name}, thanks"}, name="g.toml")
+    code, out = check(greeting)
+    assert code != 0 and f"line {line_of(greeting, '{first_name}')}:" in out
+    assert "unknown placeholder {first_name} (this text fills in no placeholders)" in out
+
+
+def test_check_prints_the_links_a_participant_gets_and_warns_about_leftovers(study_file: Callable[..., Path]) -> None:
+    code, out = check(study_file())
+    assert code == 0, out
+    assert "survey link:     https://example.qualtrics.com/jfe/form/SV_0000000000?pid=p3f0a9c1d2e4b" in out
+    assert "Warning: [survey] url still points at example.qualtrics.com" in out
+    assert "Warning: [recruitment] keeps Prolific's PROLIFIC_PID but [survey] completion_url is empty" in out
+    fixed = study_file({"https://example.qualtrics.com/jfe/form/SV_0000000000?pid={participant_id}":
+                        "https://uni.eu.qualtrics.com/jfe/form/SV_1?pid={participant_id}&p={PROLIFIC_PID}",
+                        "# completion_url = ": "completion_url = "}, name="fixed.toml")
+    code, out = check(fixed)
+    assert code == 0, out
+    assert "pid=p3f0a9c1d2e4b&p=PROLIFIC_PID-123" in out
+    assert "completion link: https://app.prolific.com/submissions/complete?cc=CODE" in out
+    assert "Warning" not in out

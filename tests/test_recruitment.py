@@ -62,7 +62,7 @@ def test_the_redirect_waits_for_the_survey_when_there_is_one(study_file: Callabl
 def test_the_final_reply_carries_encoded_links_and_no_email(client: Client, study_file: Callable[..., Path],
                                                             tmp_path: Path) -> None:
     path = with_survey(study_file, "https://q.example/jfe/form/SV_1?pid={participant_id}&cell={cell}"
-                                   "&prolific={PROLIFIC_PID}&study={STUDY_ID}&mail={email}",
+                                   "&prolific={PROLIFIC_PID}&study={STUDY_ID}",
                        'completion_url = "https://app.prolific.com/submissions/complete?cc=C1X2Y3&p={PROLIFIC_PID}"\n')
     c = client(path)
     created = c.post("/api/sessions", params={"PROLIFIC_PID": NASTY, "STUDY_ID": "s 1"}, json={})
@@ -73,7 +73,7 @@ def test_the_final_reply_carries_encoded_links_and_no_email(client: Client, stud
     query = parse_qs(urlsplit(survey).query, keep_blank_values=True)
     with sqlite3.connect(tmp_path / "web.db") as conn:
         pid, cell = conn.execute("SELECT id, cell_number FROM participants").fetchone()
-    assert query == {"pid": [pid], "cell": [str(cell)], "prolific": [NASTY], "study": ["s 1"], "mail": [""]}
+    assert query == {"pid": [pid], "cell": [str(cell)], "prolific": [NASTY], "study": ["s 1"]}
     assert "%26" in survey and "%23" in survey and "#" not in survey
     redirect = final["redirect"]
     assert redirect["after_seconds"] is None  # the survey comes first

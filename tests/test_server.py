@@ -124,3 +124,19 @@ def test_a_replacement_worker_serves_the_version_serve_checked_not_an_edited_fil
     assert len(seen["sent"]) == 5  # the first message and four follow-ups: the checked version, not the edit
     with sqlite3.connect(server.database) as conn:
         assert len({r[0] for r in conn.execute("SELECT study_version FROM participants")}) == 1
+
+
+def test_serve_refuses_what_check_refuses_in_one_line_before_it_binds(study_file: Callable[..., Path],
+                                                                     tmp_path: Path) -> None:
+    bad = study_file(replace={"threshold = 0.4": "threshold = 4"})
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "combot", "serve", "--config", str(bad), "--port", str(port),
+                             "--database", str(tmp_path / "study.db")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    line = next(n for n, text in enumerate(bad.read_text().splitlines(), start=1) if "threshold = 4" in text)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {bad}, line {line}: [classifier.threshold] must be between 0 and 1, not 4\n"
+    assert result.stdout == ""  # no banner, no worker tracebacks
+    assert not (tmp_path / "study.db").exists()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz")
