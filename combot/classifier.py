@@ -22,6 +22,7 @@ import numpy as np
 
 from combot.modelinfo import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, file_sha256
 from combot.modelinfo import default_model_dir as default_model_dir  # where it was first defined
+from combot.sharedmodel import shared_copy
 
 HEAD_FORMAT = "combot-head/1"
 
@@ -113,6 +114,7 @@ class Encoder:
         threads: int = 1,
         max_length: int = 128,
         filename: str = ENCODER_FILE,
+        weights_cache: Path | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -143,8 +145,11 @@ class Encoder:
         # No memory arena: an arena keeps its high-water mark per process, and eight workers each
         # holding one cost more than the few microseconds malloc adds per inference.
         options.enable_cpu_mem_arena = False
+        # With a cache folder, the copy whose weights every worker maps from one file (sharedmodel).
+        shared = shared_copy(onnx_path, weights_cache) if weights_cache is not None else None
+        self.loaded_from = shared or onnx_path
         self._session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
+            str(self.loaded_from), options, providers=["CPUExecutionProvider"]
         )
         _release_freed_memory()
         self._output = self._session.get_outputs()[0].name
@@ -220,9 +225,10 @@ class Classifier:
         threshold: float = 0.0,
         fallback_label: str | None = "Other",
         label_map: Mapping[str, str] | None = None,
+        weights_cache: Path | None = None,
     ) -> Classifier:
         """Load the encoder from `model_dir` and the head (default: `model_dir/head.json`)."""
-        encoder = Encoder(Path(model_dir), threads=threads, max_length=max_length)
+        encoder = Encoder(Path(model_dir), threads=threads, max_length=max_length, weights_cache=weights_cache)
         head_path = Path(head) if head is not None else Path(model_dir) / HEAD_FILE
         loaded = Head.read(head_path)
         if loaded.encoder_sha256 and loaded.encoder_sha256 != file_sha256(encoder.path):
@@ -270,6 +276,7 @@ def get_classifier(
     threshold: float = 0.0,
     fallback_label: str | None = "Other",
     label_map: Mapping[str, str] | None = None,
+    weights_cache: Path | None = None,
 ) -> Classifier:
     """The process-wide classifier for these arguments, loaded once behind a lock."""
     key = (
@@ -280,6 +287,7 @@ def get_classifier(
         threshold,
         fallback_label,
         tuple(sorted((label_map or {}).items())),
+        weights_cache,
     )
     with _instances_lock:
         found = _instances.get(key)
@@ -292,6 +300,7 @@ def get_classifier(
                 threshold=threshold,
                 fallback_label=fallback_label,
                 label_map=label_map,
+                weights_cache=weights_cache,
             )
             _instances[key] = found
         return found

@@ -151,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
            " (the last of [study] problem_types).", float),
     Option("classifier", "max_length", 128, "Tokens after which a message is truncated.", int),
     Option("classifier", "threads", 1, "Threads per inference (onnxruntime intra_op_num_threads).", int),
+    Option("classifier", "weights_cache", "~/.cache/combot", "Folder for a copy of the encoder whose weights every"
+           " worker memory-maps from one file, so they are held once, not once per worker ('': each worker loads"
+           " its own).", str, "COMBOT_WEIGHTS_CACHE"),
     # [llm] An OpenAI-compatible chat-completions service for paraphrase turns. The key is never a
     # setting (settings are printed, exported and copied into worker environments): only the name
     # of the environment variable that holds it is.

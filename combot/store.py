@@ -221,7 +221,11 @@ def migrate(conn: sqlite3.Connection) -> int:
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"the database has schema version {version}; this Combot knows up to {SCHEMA_VERSION}")
-        import sqlite_utils  # here, not at the top: the supervisor process never needs it (nor numpy, which it imports)
+        if version == SCHEMA_VERSION:
+            return version
+        # Only when there is something to migrate: sqlite-utils imports numpy, and pandas when it is
+        # installed (~40 MB in every worker that merely opens an up-to-date database).
+        import sqlite_utils
 
         db = sqlite_utils.Database(conn)
         for step in MIGRATIONS[version:]:

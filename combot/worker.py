@@ -15,6 +15,7 @@ from combot.llm import ChatModel
 from combot.errors import TooManyRequests
 from combot.proxy import client_address
 from combot.ratelimit import RateLimiter
+from combot.sharedmodel import cache_dir
 from combot.study import Study
 
 
@@ -50,4 +51,5 @@ def load_classifier(study: Study) -> Classifier:
     model_dir = Path(cfg["model_dir"]) if cfg["model_dir"] else default_model_dir()
     head = Path(cfg["head"]) if cfg["head"] else None
     return get_classifier(model_dir, head=head, threads=cfg["threads"], max_length=cfg["max_length"],
-                          threshold=cfg["threshold"], fallback_label=study.catch_all, label_map=cfg["labels"])
+                          threshold=cfg["threshold"], fallback_label=study.catch_all, label_map=cfg["labels"],
+                          weights_cache=cache_dir(cfg["weights_cache"]))

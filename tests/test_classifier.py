@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from combot import classifier as clf_module
+from combot import sharedmodel
 from combot.classifier import (
     Classification,
     Classifier,
+    Encoder,
     ModelError,
     classify_async,
     default_model_dir,
@@ -185,3 +187,37 @@ def test_classify_async_runs_in_an_executor(shipped: Classifier) -> None:
 
     first, second = asyncio.run(main())
     assert (first.label, second.label) == ("C", "A")
+
+
+# --- the shared copy (weights memory-mapped from one file by every worker) ---------------------------
+
+SAMPLE = [CLEAR["A"][0], CLEAR["B"][0], CLEAR["C"][0], "hello", "x " * 300]
+
+
+def test_the_shared_copy_scores_exactly_like_the_shipped_model(shipped: Classifier, tmp_path: Path) -> None:
+    shared = Classifier.load(default_model_dir(), weights_cache=tmp_path / "cache")
+    assert shared.encoder.loaded_from.parent.parent == tmp_path / "cache"
+    assert np.allclose(shared.embed(SAMPLE), shipped.embed(SAMPLE), atol=1e-6)
+    assert [c.label for c in shared.classify(SAMPLE)] == [c.label for c in shipped.classify(SAMPLE)]
+    # Its weights are mapped from their own file, not read into the process.
+    weights = shared.encoder.loaded_from.parent / sharedmodel.WEIGHTS
+    assert weights.stat().st_size > 10_000_000
+    assert str(weights) in Path("/proc/self/maps").read_text()
+
+
+def test_the_shared_copy_is_made_once_and_then_reused(tmp_path: Path) -> None:
+    model = default_model_dir() / "encoder.int8.onnx"
+    first = sharedmodel.shared_copy(model, tmp_path)
+    assert first is not None
+    made = first.stat().st_mtime_ns
+    assert sharedmodel.shared_copy(model, tmp_path) == first and first.stat().st_mtime_ns == made
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".making-")]  # no half-made copies left
+
+
+def test_without_a_writable_cache_each_worker_loads_the_model_itself(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    encoder = Encoder(default_model_dir(), weights_cache=blocked / "cache")
+    assert encoder.loaded_from == default_model_dir() / "encoder.int8.onnx"
+    assert encoder.embed(["my parcel is late"]).shape == (1, encoder.dim)
+    assert sharedmodel.cache_dir("") is None and sharedmodel.cache_dir("~/x") == Path.home() / "x"
