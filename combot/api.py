@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from combot import consent, embed, engine, recruitment, store, synthetic
+from combot import consent, embed, engine, openapi, recruitment, store, synthetic
 from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
@@ -224,6 +224,10 @@ async def healthz(request: Request) -> Response:
                          "classifier": res.classifier is not None})
 
 
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document(), headers={"Cache-Control": "no-cache"})
+
+
 async def index(request: Request) -> Response:
     # A GET never creates a session: link-preview bots may open the study URL.
     headers = {"Cache-Control": "no-cache", **embed.page_headers(resources(request).study.settings)}
@@ -234,6 +238,7 @@ def routes() -> list[Route]:
     return [
         Route("/", index),
         Route("/healthz", healthz),
+        Route("/openapi.json", openapi_json),
         Route("/api/sessions", create_session, methods=["POST"]),
         Route("/api/sessions/{session_id}", get_session),
         Route("/api/sessions/{session_id}/messages", post_message, methods=["POST"]),

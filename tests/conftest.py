@@ -17,6 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from combot.study import Study
+from tests.openapi_check import check_response
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STUDY = ROOT / "combot.toml"
@@ -54,6 +55,7 @@ def started_app() -> Iterator[Callable[..., TestClient]]:
     def start(study: Study, database: Path, peer: tuple[str, int] = ("testclient", 50000)) -> TestClient:
         client = TestClient(create_app(database=str(database), study=study), raise_server_exceptions=False,
                             client=peer)
+        client.event_hooks["response"].append(check_response)
         client.__enter__()
         opened.append(client)
         return client

@@ -26,6 +26,7 @@ from combot.resources import static_dir
 from combot.study import load_study
 from combot.web import create_app
 from tests.conftest import DEFAULT_STUDY
+from tests.openapi_check import check_response
 
 TOKEN = "fuzz-admin-token-0123456789"
 REQUESTS: Counter[str] = Counter()
@@ -53,6 +54,7 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TestCli
         study = load_study(DEFAULT_STUDY, environ={**base, **extra})
         databases.append(tmp_path_factory.mktemp("fuzz") / f"{name}.db")
         clients[name] = TestClient(create_app(database=str(databases[-1]), study=study), raise_server_exceptions=False)
+        clients[name].event_hooks["response"].append(check_response)
         clients[name].__enter__()
     yield clients
     for test_client in clients.values():
