@@ -76,7 +76,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bot": _ref("Bot"),
         "max_message_chars": {"type": "integer", "minimum": 1},
         "redirect": _ref("Redirect"),
-    }, ["session_id", "messages", "expects", "bot", "max_message_chars"]),
+    }, ["session_id", "messages", "expects", "turn", "bot", "max_message_chars"]),
     "NewSession": _closed({
         "consent": {"type": "boolean", "description": "true: the participant agreed on the consent page."},
         "client_key": {"type": "string", "pattern": CLIENT_KEY_PATTERN,
@@ -100,13 +100,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "expects": _ref("Expects"),
         "turn": {"type": "integer", "minimum": 1},
         "redirect": _ref("Redirect"),
-    }, ["replies", "expects"]),
+    }, ["replies", "expects", "turn"]),
     "StaleTurn": _closed({
         "error": {"type": "string"},
         "turn": {"type": "integer", "minimum": 1},
         "expects": _ref("Expects"),
         "messages": {"type": "array", "items": _ref("TranscriptMessage")},
-    }, ["error"]),
+        "redirect": _ref("Redirect"),
+    }, ["error", "turn", "expects", "messages"]),
     "Consent": _closed({
         "enabled": {"type": "boolean"},
         "title": {"type": "string"},
@@ -209,6 +210,7 @@ def _paths() -> dict[str, Any]:
             "responses": {"201": _json("Declined", "Recorded."), "200": _json("Declined", "Recorded before "
                                                                                            "(same client_key)."),
                           "400": _error(400), "404": _error(404, description="The study has no consent page."),
+                          "409": _error(409, description="This client_key already started a session."),
                           "413": _error(413), "503": _BUSY}}},
         "/healthz": {"get": {
             "operationId": "health", "tags": ["participant"],

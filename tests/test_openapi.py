@@ -56,7 +56,7 @@ def _subclasses(cls: type) -> set[type]:
 def test_the_checker_fails_a_response_that_leaves_its_schema() -> None:
     # The check the whole suite relies on must be able to fail: an undeclared field, a missing
     # required one, a wrong type, an undocumented status.
-    good = {"replies": [{"text": "hi"}], "expects": "message"}
+    good = {"replies": [{"text": "hi"}], "expects": "message", "turn": 2}
     check("POST", "/api/sessions/abc/messages", 200, "application/json", json.dumps(good).encode())
     for bad in ({**good, "cell": "basic-high-low"}, {"replies": []}, {**good, "expects": "later"},
                 {**good, "replies": [{"text": 3}]}):
