@@ -180,8 +180,8 @@ def _paths() -> dict[str, Any]:
                 "201": _json("Session", "A new participant, assigned to a cell, with the greeting.", _FOLLOW_SESSION),
                 "200": _json("Session", "An existing participant resumed (same client_key or platform id).",
                              _FOLLOW_SESSION),
-                "400": _error(400), "403": _error(403, description="Consent is required first, or collection "
-                                                                    "has closed."),
+                "400": _error(400), "403": _error(403, description="Consent is required first, collection has closed, "
+                                                                    "or an X-Combot-Synthetic header does not match."),
                 "413": _error(413), "429": _error(429), "503": _BUSY,
             }}},
         "/api/sessions/{session_id}": {"get": {
