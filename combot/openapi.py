@@ -14,6 +14,7 @@ from typing import Any
 from combot import __version__
 from combot.errors import (
     BadRequest,
+    CollectionClosed,
     CombotError,
     Conflict,
     ConsentRequired,
@@ -39,6 +40,15 @@ def _closed(properties: dict[str, Any], required: list[str] | None = None, **ext
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
+
+# What an answer adds when [embed] frame_ancestors is set: whom the page may tell, and at the end what.
+_EMBED = {
+    "embed_origins": {"type": "array", "items": {"type": "string"},
+                      "description": "Origins allowed to frame the chat ([embed] frame_ancestors); the page "
+                                     "posts combot:done only to a parent of one of them."},
+    "participant_id": {"type": "string", "description": "When the conversation is done and embedding is "
+                                                        "configured: the id the survey link also carries."},
+}
 
 _LINK = _closed({"url": {"type": "string"}, "label": {"type": "string"}}, ["url", "label"])
 
@@ -76,6 +86,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bot": _ref("Bot"),
         "max_message_chars": {"type": "integer", "minimum": 1},
         "redirect": _ref("Redirect"),
+        **_EMBED,
     }, ["session_id", "messages", "expects", "turn", "bot", "max_message_chars"]),
     "NewSession": _closed({
         "consent": {"type": "boolean", "description": "true: the participant agreed on the consent page."},
@@ -100,6 +111,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "expects": _ref("Expects"),
         "turn": {"type": "integer", "minimum": 1},
         "redirect": _ref("Redirect"),
+        **_EMBED,
     }, ["replies", "expects", "turn"]),
     "StaleTurn": _closed({
         "error": {"type": "string"},
@@ -107,6 +119,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "expects": _ref("Expects"),
         "messages": {"type": "array", "items": _ref("TranscriptMessage")},
         "redirect": _ref("Redirect"),
+        **_EMBED,
     }, ["error", "turn", "expects", "messages"]),
     "Consent": _closed({
         "enabled": {"type": "boolean"},
@@ -135,8 +148,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 # Which error each status stands for, from the one exception hierarchy (errors.py).
 _ERRORS: dict[int, type[CombotError]] = {
-    cls.status_code: cls for cls in (BadRequest, Unauthorized, ConsentRequired, NotFound, Conflict, PayloadTooLarge,
-                                     Unprocessable, TooManyRequests, Unavailable)
+    cls.status_code: cls for cls in (BadRequest, CollectionClosed, Unauthorized, ConsentRequired, NotFound,
+                                     Conflict, PayloadTooLarge, Unprocessable, TooManyRequests, Unavailable)
 }
 
 
@@ -180,7 +193,7 @@ def _paths() -> dict[str, Any]:
                 "201": _json("Session", "A new participant, assigned to a cell, with the greeting.", _FOLLOW_SESSION),
                 "200": _json("Session", "An existing participant resumed (same client_key or platform id).",
                              _FOLLOW_SESSION),
-                "400": _error(400), "403": _error(403, description="Consent is required first, collection has closed, "
+                "410": _error(410), "400": _error(400), "403": _error(403, description="Consent is required first, collection has closed, "
                                                                     "or an X-Combot-Synthetic header does not match."),
                 "413": _error(413), "429": _error(429), "503": _BUSY,
             }}},
@@ -197,7 +210,7 @@ def _paths() -> dict[str, Any]:
                 "400": _error(400), "404": _error(404),
                 "409": _error(409, "StaleTurn", "The conversation has ended, or the message answers a turn "
                                                 "that is no longer current: the body carries the transcript."),
-                "413": _error(413), "422": _error(422), "429": _error(429), "503": _BUSY,
+                "410": _error(410), "413": _error(413), "422": _error(422), "429": _error(429), "503": _BUSY,
             }}},
         "/api/consent": {"get": {
             "operationId": "getConsent", "tags": ["participant"],
@@ -211,6 +224,7 @@ def _paths() -> dict[str, Any]:
                                                                                            "(same client_key)."),
                           "400": _error(400), "404": _error(404, description="The study has no consent page."),
                           "409": _error(409, description="This client_key already started a session."),
+                          "410": _error(410),
                           "413": _error(413), "503": _BUSY}}},
         "/healthz": {"get": {
             "operationId": "health", "tags": ["participant"],
