@@ -312,7 +312,9 @@ def create_participant(
     (second value False) instead of a new draw; both are looked up inside the write lock, so
     concurrent retries in several worker processes still make one participant. A key that
     declined earlier (then reloaded the consent page and agreed) becomes that same row's session. A
-    `synthetic` participant (bench, pilot) is stored like any other but counts towards no cell.
+    `synthetic` participant (bench, pilot) is stored like any other but counts towards no real
+    participant's cell: synthetic arrivals are balanced among themselves (so a pilot of a live study
+    still meets every cell) and real ones among real ones.
     """
     with transaction(conn):
         declined = None
@@ -326,7 +328,7 @@ def create_participant(
             if existing is not None:
                 return existing, False
         _refuse_when_closed(conn)
-        counts = cell_counts(conn, fill, active_minutes)
+        counts = cell_counts(conn, fill, active_minutes, synthetic=synthetic)
         label, number, factors, method = choose_cell(counts)
         state, greeting = greet(factors)
         stamp = now()
@@ -350,20 +352,22 @@ def create_participant(
     return row, True
 
 
-def cell_counts(conn: sqlite3.Connection, fill: str = "started", active_minutes: float = 30) -> dict[str, int]:
+def cell_counts(conn: sqlite3.Connection, fill: str = "started", active_minutes: float = 30,
+                synthetic: bool = False) -> dict[str, int]:
     """Participants per cell label as balanced assignment counts them.
 
     "started": everyone ever given the cell. "finished_or_active": those who finished plus those
     who wrote within the last `active_minutes`, so an abandoned session frees its slot. A decline
-    never has a cell and never counts; nor does a synthetic participant (bench, pilot).
+    never has a cell and never counts. Real participants and synthetic ones (bench, pilot) are
+    counted apart: `synthetic` says which.
     """
     if fill == "finished_or_active":
         rows = conn.execute(
-            "SELECT cell, count(*) AS n FROM participants WHERE synthetic = 0 AND (status = 'finished'"
-            " OR (status = 'started' AND updated_at >= ?)) GROUP BY cell", (ago(active_minutes * 60),))
+            "SELECT cell, count(*) AS n FROM participants WHERE synthetic = ? AND (status = 'finished'"
+            " OR (status = 'started' AND updated_at >= ?)) GROUP BY cell", (int(synthetic), ago(active_minutes * 60)))
     else:
         rows = conn.execute("SELECT cell, count(*) AS n FROM participants WHERE status != 'declined'"
-                            " AND synthetic = 0 GROUP BY cell")
+                            " AND synthetic = ? GROUP BY cell", (int(synthetic),))
     return {row["cell"]: row["n"] for row in rows}
 
 

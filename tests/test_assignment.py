@@ -56,12 +56,13 @@ def test_random_assignment(study_file: Callable[..., Path]) -> None:
     assert choose_cell(study, {}, random.Random(1))[3] == "random"
 
 
-def _participant(conn: Any, study: Any, pid: str, fill: str = "started", active_minutes: float = 30) -> str:
+def _participant(conn: Any, study: Any, pid: str, fill: str = "started", active_minutes: float = 30,
+                 synthetic: bool = False) -> str:
     def greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[store.NewMessage]]:
         return {"stage": "chat", "turn": 0}, [store.NewMessage("bot", "greeting", "Hello")]
 
     row, _ = store.create_participant(conn, participant_id=pid, token="t-" + pid, greet=greet, fill=fill,
-                                      active_minutes=active_minutes,
+                                      active_minutes=active_minutes, synthetic=synthetic,
                                       choose_cell=lambda counts: choose_cell(study, counts, random.Random(pid)))
     return str(row["cell"])
 
@@ -82,6 +83,20 @@ def test_what_counts_as_filled_is_configurable(tmp_path: Path, study_file: Calla
     assert cells[1] not in active and active[cells[0]] == 1 and sum(active.values()) == 7
     # The next arrival takes the slot the quiet participant left; with "started" it could not tell.
     assert _participant(conn, study, "p8", study.fill, study.active_minutes) == cells[1]
+
+
+def test_synthetic_arrivals_are_balanced_among_themselves_apart_from_real_ones(tmp_path: Path) -> None:
+    # A pilot of a live study needs every cell (balanced among the pilot's participants) without
+    # moving the real participants' balance.
+    study = load_study(DEFAULT_STUDY)
+    conn = store.connect(tmp_path / "synthetic.db")
+    real = [_participant(conn, study, f"r{i}") for i in range(3)]
+    pilot = [_participant(conn, study, f"s{i}", synthetic=True) for i in range(16)]
+    assert sorted(store.cell_counts(conn, synthetic=True).values()) == [2] * 8
+    assert store.cell_counts(conn) == {cell: 1 for cell in real}
+    more = [_participant(conn, study, f"r{i}") for i in range(3, 8)]
+    assert sorted(real + more) == sorted(study.cell_label(c) for c in study.cells())
+    assert len(set(pilot[:8])) == 8
 
 
 def test_an_unknown_fill_rule_is_refused_with_its_line(study_file: Callable[..., Path]) -> None:
