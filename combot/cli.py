@@ -309,13 +309,17 @@ def bench(users: str, url: str | None, admin_token: str, workers: int, think_tim
 @click.option("--out", "out_path", default="pilot-report.html", show_default=True, type=click.Path(dir_okay=False),
               help="The HTML report: one self-contained file, readable offline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--url", help="Pilot a running study instead of starting a server (needs its admin token).")
+@click.option("--admin-token", envvar="COMBOT_ADMIN_TOKEN", default="",
+              help="With --url: the study's admin token; the simulated participants are marked synthetic (they count"
+                   " towards no cell, stay out of the dashboard and export) and read back [env COMBOT_ADMIN_TOKEN].")
 @click.option("--workers", default=2, show_default=True, help="Worker processes of the server it starts.")
 @click.option("--participant-llm", is_flag=True,
               help="Let the [llm] service (or --participant-model) play each persona instead of its script.")
 @click.option("--participant-model", help="Model name for --participant-llm [default: the [llm] model].")
 @click.option("--persona", "personas", multiple=True, help="Use only these personas of the bank (repeatable).")
 @_config_option
-def pilot(per_cell: int | None, out_path: str, json_path: str | None, workers: int,
+def pilot(per_cell: int | None, out_path: str, json_path: str | None, url: str | None, admin_token: str, workers: int,
           participant_llm: bool, participant_model: str | None, personas: tuple[str, ...],
           config_path: str | None) -> None:
     """Walk simulated participants through every cell and write a report of what each cell does.
@@ -331,7 +335,8 @@ def pilot(per_cell: int | None, out_path: str, json_path: str | None, workers: i
 
     study = _load(config_path)
     options = pilot_module.PilotOptions(
-        per_cell=per_cell, workers=workers, config_path=_study_path(config_path),
+        per_cell=per_cell, workers=workers, config_path=_study_path(config_path), url=url,
+        admin_token=admin_token.strip(),
         participant_llm=participant_llm, participant_model=participant_model, personas=personas)
     try:
         report = pilot_module.run_pilot(study, options, say=lambda line: click.echo(line, err=True))

@@ -6,6 +6,10 @@ cell holds `per_cell` of them, and walks each through the whole conversation as 
 it reads back from the pilot database how every bot message was made, checks the balance and the
 export, and hands all of it to `pilot_report` for flags and the HTML/JSON report.
 
+With a URL (a study already running), the participants carry the synthetic-participant header
+(`combot.synthetic`, from the admin token), so they count towards no cell and stay out of the
+dashboard and the export; the pilot reads them back through the admin export with them included.
+
 The k-th participant of every cell plays the same persona, so cells can be compared turn by turn.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 import os
 import re
@@ -21,13 +26,14 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 
-from combot import bench, export, recruitment, store
+from combot import bench, export, recruitment, store, synthetic
 from combot.llm import BadResponse, LLMConfig, parse_completion
 from combot.personas import PERSONAS, Persona, ScriptedSpeaker, email_answers
 from combot.study import Study
@@ -46,6 +52,8 @@ class PilotOptions:
     participant_model: str | None = None
     personas: tuple[str, ...] = ()  # keys of the bank to use (default: all, in order)
     concurrency: int = 8
+    url: str | None = None  # a running server instead of a throwaway one
+    admin_token: str = ""  # with url: marks the participants synthetic and reads the export
 
 
 @dataclass
@@ -208,81 +216,109 @@ class Walker:
 
 def pilot_params(study: Study, index: int, run: str) -> dict[str, str]:
     """The recruitment parameters a platform would append, with recognisable pilot values."""
-    values = {name: f"pilot-{run}-{name.lower()}-{index}" for name in recruitment.param_names(study.settings)}
-    return values
+    return {name: f"pilot-{run}-{name.lower()}-{index}" for name in recruitment.param_names(study.settings)}
 
 
-async def run_conversations(base: str, study: Study, options: PilotOptions,
-                            locate: Callable[[str], tuple[str, str, dict[str, str]]],
-                            say: Callable[[str], None]) -> list[Conversation]:
-    """Create sessions until every cell holds per_cell participants, then walk them all at once.
+class Run:
+    """The HTTP side of one pilot: creates sessions, gives each its persona, walks them all."""
 
-    `locate(session_id)` gives (participant_id, cell label, factors) from the pilot database.
-    """
-    personas = choose_personas(options.personas)
-    per_cell = options.per_cell or len(personas)
-    cells = study.cells()
-    wanted = per_cell * len(cells)
-    run = f"{os.getpid():x}{int(time.time()) % 100000:x}"
-    headers: dict[str, str] = {}
-    llm_config = model = None
-    if options.participant_llm:
-        llm_config = LLMConfig.from_settings(study.settings)
-        if llm_config is None:
-            raise PilotError("--participant-llm needs an OpenAI-compatible service: set [llm] base_url"
-                             " (or COMBOT_LLM_URL) and its key")
-        model = options.participant_model or llm_config.model
-    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits) as client:
-        llm_client = None
-        if llm_config is not None:
-            key = llm_config.api_key()
-            llm_client = httpx.AsyncClient(timeout=httpx.Timeout(max(llm_config.timeout, 30.0)), headers=(
-                {"Authorization": f"Bearer {key}"} if key else {}))
-        try:
-            walker = Walker(base, study, client, headers)
-            consent = await walker.consent_needed()
-            conversations: list[Conversation] = []
-            filled: dict[str, int] = {}
-            # Balanced assignment fills every cell in turn; a random one needs more arrivals, so keep
-            # going (within a bound) until every cell has its share.
-            limit = wanted if study.assignment == "balanced" else wanted * 6
-            while len(conversations) < limit:
-                index = len(conversations)
-                conv = Conversation(index=index, slot=0, persona=personas[0],
-                                    params=pilot_params(study, index, run))
-                await walker.start(conv, conv.params, consent)
-                conv.participant_id, conv.cell, conv.factors = locate(conv.session_id)
-                slot = filled.get(conv.cell, 0)
-                filled[conv.cell] = slot + 1
-                conv.slot = slot
-                conv.persona = personas[slot % len(personas)]
-                conversations.append(conv)
-                if len(filled) == len(cells) and min(filled.values()) >= per_cell:
-                    break
-            say(f"{len(conversations)} simulated participants in {len(cells)} cells, walking them ...")
-            gate = asyncio.Semaphore(options.concurrency)
+    def __init__(self, base: str, study: Study, options: PilotOptions, headers: dict[str, str]):
+        self.base = base
+        self.study = study
+        self.options = options
+        self.headers = headers
+        self.personas = choose_personas(options.personas)
+        self.per_cell = options.per_cell or len(self.personas)
+        self.conversations: list[Conversation] = []
+        self.filled: dict[str, int] = {}
+        self.run_id = f"{os.getpid():x}{int(time.time()) % 100000:x}"
+        self.llm_config: LLMConfig | None = None
+        self.model = ""
+        if options.participant_llm:
+            self.llm_config = LLMConfig.from_settings(study.settings)
+            if self.llm_config is None:
+                raise PilotError("--participant-llm needs an OpenAI-compatible service: set [llm] base_url"
+                                 " (or COMBOT_LLM_URL) and its key")
+            self.model = options.participant_model or self.llm_config.model
 
-            async def one(conv: Conversation) -> None:
-                async with gate:
-                    speaker: ScriptedSpeaker | LLMSpeaker
-                    if llm_config is not None and llm_client is not None and model is not None:
-                        speaker = LLMSpeaker(conv.persona, llm_config, llm_client, model)
-                        conv.player = "llm"
-                    else:
-                        speaker = ScriptedSpeaker(conv.persona)
-                    await walker.walk(conv, speaker)
+    async def __aenter__(self) -> Run:
+        limits = httpx.Limits(max_connections=self.options.concurrency,
+                              max_keepalive_connections=self.options.concurrency)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(180.0), limits=limits)
+        self.llm_client: httpx.AsyncClient | None = None
+        if self.llm_config is not None:
+            key = self.llm_config.api_key()
+            self.llm_client = httpx.AsyncClient(timeout=httpx.Timeout(max(self.llm_config.timeout, 30.0)),
+                                                headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.walker = Walker(self.base, self.study, self.client, self.headers)
+        self.consent = await self.walker.consent_needed()
+        return self
 
-            await asyncio.gather(*(one(c) for c in conversations))
-        finally:
-            if llm_client is not None:
-                await llm_client.aclose()
-    return conversations
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        if self.llm_client is not None:
+            await self.llm_client.aclose()
+
+    def missing(self) -> int:
+        """Participants still needed for every cell to hold per_cell."""
+        return sum(max(0, self.per_cell - self.filled.get(self.study.cell_label(cell), 0))
+                   for cell in self.study.cells())
+
+    async def create(self) -> Conversation:
+        index = len(self.conversations)
+        conv = Conversation(index=index, slot=0, persona=self.personas[0],
+                            params=pilot_params(self.study, index, self.run_id))
+        await self.walker.start(conv, conv.params, self.consent)
+        self.conversations.append(conv)
+        return conv
+
+    def place(self, conv: Conversation, participant_id: str, cell: str, factors: dict[str, str]) -> None:
+        """The k-th participant of a cell plays the k-th persona, in every cell alike."""
+        if cell not in {self.study.cell_label(c) for c in self.study.cells()}:
+            raise PilotError(f"the server put a participant in cell '{cell}', which {self.study.path} does not"
+                             " have: give the study file the server runs with --config")
+        conv.participant_id, conv.cell, conv.factors = participant_id, cell, factors
+        conv.slot = self.filled.get(cell, 0)
+        self.filled[cell] = conv.slot + 1
+        conv.persona = self.personas[conv.slot % len(self.personas)]
+
+    async def walk_all(self, say: Callable[[str], None]) -> None:
+        say(f"{len(self.conversations)} simulated participants in {len(self.filled)} cells, walking them ...")
+        gate = asyncio.Semaphore(self.options.concurrency)
+
+        async def one(conv: Conversation) -> None:
+            async with gate:
+                speaker: ScriptedSpeaker | LLMSpeaker
+                if self.llm_config is not None and self.llm_client is not None:
+                    speaker = LLMSpeaker(conv.persona, self.llm_config, self.llm_client, self.model)
+                    conv.player = "llm"
+                else:
+                    speaker = ScriptedSpeaker(conv.persona)
+                await self.walker.walk(conv, speaker)
+
+        await asyncio.gather(*(one(c) for c in self.conversations))
 
 
-# --- what the pilot database says -------------------------------------------------------------------
+# --- what was stored ----------------------------------------------------------------------------------
 
 _OPTIONAL_MESSAGE_FIELDS = ("model", "latency_ms", "fallback_reason", "compute_ms", "shown_ms")
+
+
+def _message(row: Mapping[str, Any], links: Iterator[dict[str, str]]) -> dict[str, Any]:
+    item: dict[str, Any] = {"from": row["sender"], "turn": row["turn"], "kind": row["kind"], "text": row["text"],
+                            "produced_by": row["produced_by"]}
+    for name in _OPTIONAL_MESSAGE_FIELDS:
+        if row.get(name) is not None:
+            item[name] = row[name]
+    if row["sender"] == "bot" and row["kind"] == "thanks":
+        link = next(links, None)
+        if link:
+            item["link"] = link
+    return item
+
+
+def _links(conv: Conversation) -> Iterator[dict[str, str]]:
+    return iter([m["link"] for m in conv.seen if m["from"] == "bot" and m.get("link")])
 
 
 def stored_transcript(conn: sqlite3.Connection, conv: Conversation) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -290,26 +326,12 @@ def stored_transcript(conn: sqlite3.Connection, conv: Conversation) -> tuple[dic
     row = store.participant_by_token(conn, conv.session_id)
     if row is None:
         return {}, []
-    links = iter([m["link"] for m in conv.seen if m["from"] == "bot" and m.get("link")])
-    out = []
-    for message in store.transcript(conn, row["id"]):
-        keys = message.keys()
-        item: dict[str, Any] = {"from": message["sender"], "turn": message["turn"], "kind": message["kind"],
-                                "text": message["text"], "produced_by": message["produced_by"]}
-        for name in _OPTIONAL_MESSAGE_FIELDS:
-            if name in keys and message[name] is not None:
-                item[name] = message[name]
-        if message["sender"] == "bot" and message["kind"] == "thanks":
-            link = next(links, None)
-            if link:
-                item["link"] = link
-        out.append(item)
-    return dict(row), out
+    links = _links(conv)
+    return dict(row), [_message(dict(message), links) for message in store.transcript(conn, row["id"])]
 
 
-def check_export(conn: sqlite3.Connection, study: Study, folder: Path) -> dict[str, Any]:
-    """Run the export on the pilot database; every column of every file must be in the codebook."""
-    counts = export.export_to_dir(conn, study, folder, fmt="csv")
+def check_export(folder: Path) -> dict[str, Any]:
+    """Every column of every exported CSV file must be described in the codebook beside it."""
     book = (folder / "codebook.md").read_text(encoding="utf-8")
     documented: dict[str, set[str]] = {}
     section = ""
@@ -321,36 +343,53 @@ def check_export(conn: sqlite3.Connection, study: Study, folder: Path) -> dict[s
         if column and section:
             documented.setdefault(section, set()).add(column.group(1))
     files: dict[str, Any] = {}
-    for name, rows in counts.items():
-        with open(folder / f"{name}.csv", encoding="utf-8", newline="") as stream:
-            header = next(csv.reader(stream), [])
+    for path in sorted(folder.glob("*.csv")):
+        with open(path, encoding="utf-8", newline="") as stream:
+            reader = csv.reader(stream)
+            header = next(reader, [])
+            rows = sum(1 for _ in reader)
+        name = path.stem
         files[name] = {"rows": rows, "columns": header,
                        "undocumented": [c for c in header if c not in documented.get(name, set())]}
     return {"files": files, "ok": all(not f["undocumented"] for f in files.values())}
 
 
-def verify_stored(database: Path, conversations: Sequence[Conversation]) -> dict[str, int]:
-    """Every chat message sent and every bot message seen is in the pilot database (bench's check)."""
-    people = []
-    for conv in conversations:
-        person = bench.Participant(session_id=conv.session_id)
+def verify_seen(collected: Sequence[tuple[Conversation, Mapping[str, Any], list[dict[str, Any]]]]) -> dict[str, int]:
+    """Every chat message sent and every bot message seen over HTTP is among the stored messages."""
+    expected = found = 0
+    for conv, _row, messages in collected:
+        stored = {"bot": [m["text"] for m in messages if m["from"] == "bot"],
+                  "participant": [m["text"] for m in messages if m["from"] == "participant"]}
         for item in conv.seen:
-            if item["from"] == "bot":
-                person.received.append(item["text"])
-            elif item.get("step") != "email":  # stored as a marker; the address only in the emails table
-                person.sent.append(item["text"])
-        people.append(person)
-    return bench.verify(database, people)
+            if item.get("step") == "email":
+                continue  # stored as a marker; an address only in the emails table
+            expected += 1
+            pool = stored["bot" if item["from"] == "bot" else "participant"]
+            if item["text"] in pool:
+                pool.remove(item["text"])  # each stored message matches one seen message only
+                found += 1
+    return {"messages_expected": expected, "messages_found": found, "messages_missing": expected - found}
 
 
-# --- the whole run --------------------------------------------------------------------------------------
+# --- a local server on a throwaway database -----------------------------------------------------------
 
-def run_pilot(study: Study, options: PilotOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the pilot and return its results (see `pilot_report.build` for the report's shape)."""
-    from combot import pilot_report
+async def _walk_local(url: str, study: Study, options: PilotOptions, conn: sqlite3.Connection,
+                      say: Callable[[str], None]) -> list[Conversation]:
+    async with Run(url, study, options, {}) as run:
+        # Balanced assignment fills every cell in turn; a random one needs more arrivals, so keep
+        # going (within a bound) until every cell has its share.
+        limit = run.missing() * (1 if study.assignment == "balanced" else 6)
+        while run.missing() and len(run.conversations) < limit:
+            conv = await run.create()
+            row = store.participant_by_token(conn, conv.session_id)
+            if row is None:
+                raise PilotError("a session the server created is not in its database")
+            run.place(conv, row["id"], row["cell"], json.loads(row["factors"]))
+        await run.walk_all(say)
+    return run.conversations
 
-    started = time.monotonic()
-    choose_personas(options.personas)
+
+def _run_local(study: Study, options: PilotOptions, say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="combot-pilot-") as tmp:
         workdir = Path(tmp)
         copy = workdir / "study.toml"
@@ -359,32 +398,126 @@ def run_pilot(study: Study, options: PilotOptions, say: Callable[[str], None] = 
         with bench.local_server(options.workers, str(copy), {}, workdir, database_name="pilot.db") as (url, db, _p):
             conn = store.connect(db)
             try:
-                def locate(token: str) -> tuple[str, str, dict[str, str]]:
-                    row = store.participant_by_token(conn, token)
-                    if row is None:
-                        raise PilotError("a session the server created is not in its database")
-                    return row["id"], row["cell"], json.loads(row["factors"])
-
-                conversations = asyncio.run(run_conversations(url, study, options, locate, say))
+                conversations = asyncio.run(_walk_local(url, study, options, conn, say))
             finally:
                 conn.close()
         conn = store.connect(db)
         try:
-            transcripts = []
-            for conv in conversations:
-                row, messages = stored_transcript(conn, conv)
-                if row:
-                    conv.participant_id = row["id"]
-                    conv.factors = json.loads(row["factors"])
-                    conv.cell = row["cell"]
-                transcripts.append((conv, row, messages))
+            collected = [(conv, *stored_transcript(conn, conv)) for conv in conversations]
+            export.export_to_dir(conn, study, workdir / "export", fmt="csv")
             data: dict[str, Any] = {
                 "database": "a throwaway copy, deleted after the pilot",
-                "stored": verify_stored(db, conversations),
-                "export": check_export(conn, study, workdir / "export"),
+                "stored": verify_seen(collected),
+                "export": check_export(workdir / "export"),
+                "counts": store.cell_counts(conn),
             }
-            counts = store.cell_counts(conn)
         finally:
             conn.close()
-    data["counts"] = counts
-    return pilot_report.build(study, options, transcripts, data, time.monotonic() - started)
+    return collected, data
+
+
+# --- a running server (--url) --------------------------------------------------------------------------
+
+# Rounds of new arrivals on a live server: synthetic participants count towards no cell, so cells
+# are whatever assignment gives them; after this many rounds the pilot reports what it got.
+REMOTE_ROUNDS = 6
+
+
+class AdminExport:
+    """The running study's export (synthetic participants included), read with its admin token."""
+
+    def __init__(self, client: httpx.AsyncClient, base: str, token: str):
+        self.client = client
+        self.url = base + "admin/export.zip"
+        self.token = token
+
+    async def files(self, fmt: str, into: Path | None = None) -> dict[str, bytes]:
+        response = await self.client.get(self.url, params={"include_synthetic": "1", "format": fmt},
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        if response.status_code != 200:
+            raise PilotError(f"reading the study's export: HTTP {response.status_code} {response.text[:200]}"
+                             + (" (is the admin token right?)" if response.status_code == 401 else ""))
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            names = [n for n in archive.namelist() if "/" not in n]
+            if into is not None:
+                archive.extractall(into, members=names)
+            return {name: archive.read(name) for name in names}
+
+    async def rows(self) -> dict[str, list[dict[str, Any]]]:
+        files = await self.files("jsonl")
+        return {name.rsplit(".", 1)[0]: [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+                for name, data in files.items() if name.endswith(".jsonl")}
+
+
+def _ours(rows: Mapping[str, list[dict[str, Any]]], conversations: Sequence[Conversation]
+          ) -> dict[int, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Each pilot conversation's exported participant row and messages, found by its URL parameters."""
+    by_value = {value: conv.index for conv in conversations for value in conv.params.values()}
+    owner = {}
+    for row in rows.get("personal", []):
+        for value in row.values():
+            if value in by_value:
+                owner[row["participant_id"]] = by_value[value]
+                break
+    out: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for row in rows.get("participants", []):
+        if row["participant_id"] in owner:
+            out[owner[row["participant_id"]]] = (row, [])
+    for message in rows.get("messages", []):
+        if message["participant_id"] in owner and owner[message["participant_id"]] in out:
+            out[owner[message["participant_id"]]][1].append(message)
+    return out
+
+
+async def _walk_remote(base: str, study: Study, options: PilotOptions, token: str, workdir: Path,
+                       say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
+    async with Run(base, study, options, synthetic.headers(token)) as run:
+        if not recruitment.param_names(study.settings):
+            raise PilotError("--url needs a kept URL parameter ([recruitment] params) to find the pilot's"
+                             " participants in the study's export")
+        admin = AdminExport(run.client, base, token)
+        for _ in range(REMOTE_ROUNDS):
+            if not run.missing():
+                break
+            new = [await run.create() for _ in range(run.missing())]
+            found = _ours(await admin.rows(), new)
+            for conv in new:
+                if conv.index not in found:
+                    raise PilotError("a participant the pilot created is not in the study's export")
+                row = found[conv.index][0]
+                factors = {name: row.get(name) or row.get(f"factor_{name}") or "" for name in study.factors}
+                run.place(conv, row["participant_id"], row["cell"], factors)
+        await run.walk_all(say)
+        final = _ours(await admin.rows(), run.conversations)
+        await admin.files("csv", into=workdir)
+    collected = []
+    for conv in run.conversations:
+        row, messages = final.get(conv.index, ({}, []))
+        links = _links(conv)
+        collected.append((conv, row, [_message(m, links) for m in sorted(messages, key=lambda m: m["message_id"])]))
+    data = {"database": "the running study's own, through its export (the pilot's participants are marked"
+                        " synthetic: they count towards no cell and are left out of the dashboard and export)",
+            "stored": verify_seen(collected), "export": check_export(workdir),
+            "remote_cells": dict(run.filled)}
+    return collected, data
+
+
+def _run_remote(study: Study, options: PilotOptions, say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
+    if not options.admin_token:
+        raise PilotError("--url needs the study's admin token (--admin-token or COMBOT_ADMIN_TOKEN), so the"
+                         " simulated participants are marked synthetic and their data can be read back")
+    base = (options.url or "").rstrip("/") + "/"
+    with tempfile.TemporaryDirectory(prefix="combot-pilot-") as tmp:
+        return asyncio.run(_walk_remote(base, study, options, options.admin_token, Path(tmp), say))
+
+
+# --- the whole run --------------------------------------------------------------------------------------
+
+def run_pilot(study: Study, options: PilotOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the pilot and return its report (see `pilot_report.build` for its shape)."""
+    from combot import pilot_report
+
+    started = time.monotonic()
+    choose_personas(options.personas)
+    collected, data = (_run_remote if options.url else _run_local)(study, options, say)
+    return pilot_report.build(study, options, collected, data, time.monotonic() - started)

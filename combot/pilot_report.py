@@ -221,10 +221,9 @@ def study_flags(study: Study, cells: Sequence[Mapping[str, Any]], differences: M
         out.append(_flag("error", "balance", f"balanced assignment did not put {balance['expected']} participants in"
                          f" every cell: {balance['per_cell']}"))
     stored = data.get("stored")
-    if stored and (stored.get("messages_missing") or not stored.get("integrity_ok")):
+    if stored and stored.get("messages_missing"):
         out.append(_flag("error", "data", f"{stored['messages_missing']} of {stored['messages_expected']} messages"
-                         " the participants sent or saw are not in the database"
-                         + ("" if stored.get("integrity_ok") else "; integrity check failed")))
+                         " the participants sent or saw are not in the database"))
     exported = data.get("export")
     if exported:
         for name, info in exported["files"].items():
@@ -444,7 +443,7 @@ def to_html(report: Mapping[str, Any]) -> str:
     stored = data.get("stored")
     if stored:
         out.append(f"<p>{_e(stored['messages_found'])} of {_e(stored['messages_expected'])} messages the participants"
-                   f" sent or saw are in the database; integrity {'ok' if stored['integrity_ok'] else 'FAILED'}.</p>")
+                   " sent or saw are in the database.</p>")
     exported = data.get("export")
     if exported:
         out.append("<table><tr><th>export file</th><th>rows</th><th>columns</th><th>not in the codebook</th></tr>")

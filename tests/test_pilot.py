@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +17,7 @@ from combot.cli import cli
 from combot.errors import ConfigError
 from combot.fakellm import play_persona, start_fake_llm
 from combot.personas import PERSONAS, PLAYER_MARKER, ScriptedSpeaker, email_answers, topic_of
-from combot.pilot import PilotOptions, run_pilot
+from combot.pilot import PilotError, PilotOptions, run_pilot
 from combot.study import load_study
 from tests.conftest import DEFAULT_STUDY
 
@@ -292,3 +294,32 @@ def test_participants_played_by_the_fake_llm_with_consent(study_file: Callable[.
         assert sent == [story[i % len(story)] for i in range(len(sent))]
         assert not any(PLAYER_MARKER in m["text"] or "Facts you can tell" in m["text"] for m in transcript["messages"])
     assert not any(f["severity"] == "error" for f in report["flags"])
+
+
+@pytest.mark.slow
+def test_a_running_study_piloted_over_its_url(live_server: Callable[..., Any], study_file: Callable[..., Path]) -> None:
+    token = "pilot-test-admin-token-0123456789"
+    path = study_file(replace={"enabled = false": "enabled = true"})
+    server = live_server(config=path, env={**os.environ, "COMBOT_ADMIN_TOKEN": token})
+    study = load_study(path)
+    with pytest.raises(PilotError, match="403"):
+        run_pilot(study, PilotOptions(url=server.url, admin_token="not-the-token", per_cell=1), say=lambda _l: None)
+    with pytest.raises(PilotError, match="admin token"):
+        run_pilot(study, PilotOptions(url=server.url, per_cell=1), say=lambda _l: None)
+    report = run_pilot(study, PilotOptions(url=server.url, admin_token=token, per_cell=1,
+                                           personas=("terse-cashier",)), say=lambda _l: None)
+    assert not [f for f in report["flags"] if f["severity"] == "error"]
+    for cell in report["cells"]:
+        (transcript,) = cell["transcripts"]  # synthetic arrivals are balanced among themselves
+        assert transcript["status"] == "finished" and transcript["persona"] == "terse-cashier"
+        bots = [m for m in transcript["messages"] if m["from"] == "bot"]
+        assert bots[0]["kind"] == "greeting" and all(m["produced_by"] in ("script", "template") for m in bots)
+        assert any(m.get("link") for m in bots)
+    assert report["data"]["stored"]["messages_missing"] == 0 and report["data"]["export"]["ok"]
+    conn = sqlite3.connect(server.database)
+    try:
+        synthetic = conn.execute("SELECT count(*) FROM participants WHERE synthetic = 1").fetchone()[0]
+        real = conn.execute("SELECT count(*) FROM participants WHERE synthetic = 0").fetchone()[0]
+    finally:
+        conn.close()
+    assert (synthetic, real) == (8, 0)
