@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sqlite3
@@ -88,9 +89,21 @@ def serve(config_path: str | None, **flags: Any) -> None:
     )
     url = server.bound_url(options.host, options.port, tls=bool(options.certfile))
 
-    # The researcher token exists before any worker starts, so a newly generated one is printed here, once.
-    from combot import admin
+    from combot import preflight
 
+    with contextlib.ExitStack() as claim:
+        try:
+            claim.enter_context(preflight.claimed(options.database, options.host, options.port))
+        except preflight.ServeRefused as error:
+            raise click.ClickException(str(error)) from None
+        _serve_claimed(study, options, url)
+
+
+def _serve_claimed(study: Study, options: Any, url: str) -> None:
+    """`serve` once this process holds the database (see preflight.claimed)."""
+    from combot import admin, preflight, server
+
+    # The researcher token exists before any worker starts, so a newly generated one is printed here, once.
     try:
         token = admin.ensure_token(study.settings, options.database.resolve())
     except OSError as error:
@@ -113,6 +126,8 @@ def serve(config_path: str | None, **flags: Any) -> None:
 
     try:
         code = server.serve(study, options, on_ready=ready)
+    except preflight.ServeRefused as error:
+        raise click.ClickException(str(error)) from None
     except (RuntimeError, sqlite3.Error) as error:
         raise click.ClickException(f"cannot use the database {options.database}: {error}") from None
     sys.exit(code)

@@ -22,12 +22,15 @@ spreadsheet runs participant text as a formula. JSON Lines are written as stored
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
 import os
 import re
+import shutil
 import sqlite3
+import tempfile
 import zipfile
 from contextlib import contextmanager
 from datetime import datetime
@@ -271,7 +274,36 @@ def export_to_zip(conn: sqlite3.Connection, study: Study, target: IO[bytes], *, 
 
 
 def open_database(path: str | Path) -> sqlite3.Connection:
-    """The study database for exporting; an error (not a new empty file) when it does not exist."""
-    if not Path(path).is_file():
+    """The study database for exporting; an error (not a new empty file) when it does not exist.
+
+    A database that can be written is opened as the server opens it (brought up to date). A
+    read-only one (an archived study on read-only media or with read-only permissions) is read as it
+    is, nothing written beside it; when it needs what only a write can give (a write-ahead log to
+    replay, an older schema to migrate), a private temporary copy is read instead.
+    """
+    database = Path(path)
+    if not database.is_file():
         raise ExportError(f"no database at {path}")
-    return store.connect(path)
+    resolved = database.resolve()
+    if os.access(resolved, os.W_OK) and os.access(resolved.parent, os.W_OK):
+        return store.connect(path)
+    wal = Path(f"{resolved}-wal")
+    try:
+        if not (wal.is_file() and wal.stat().st_size > 0):
+            conn = store.connect_readonly(resolved)
+            if store.schema_version(conn) == store.SCHEMA_VERSION:
+                return conn
+            conn.close()
+        return _private_copy(resolved)
+    except (OSError, sqlite3.Error) as error:
+        raise ExportError(f"cannot read the database {path}: {error}") from None
+
+
+def _private_copy(database: Path) -> sqlite3.Connection:
+    """A copy of a read-only database (and its write-ahead log) in a temporary folder, brought up to date."""
+    folder = Path(tempfile.mkdtemp(prefix="combot-export-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for suffix in ("", "-wal"):
+        if Path(f"{database}{suffix}").is_file():
+            shutil.copyfile(f"{database}{suffix}", folder / f"study.db{suffix}")
+    return store.connect(folder / "study.db")

@@ -21,7 +21,7 @@ from typing import Any
 
 from hypercorn.config import Config
 
-from combot import store
+from combot import preflight, store
 from combot.settings import OPTIONS
 from combot.study import Study
 
@@ -119,7 +119,14 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     study_env = {"COMBOT_STUDY_TEXT": study.version_text, "COMBOT_STUDY_VERSION": study.version,
                  "COMBOT_STUDY_HEAD_SHA256": study.head_sha256, "COMBOT_STUDY_ENCODER_SHA256": study.encoder_sha256}
     config = hypercorn_config(options)
-    sockets = config.create_sockets()
+    # One socket, bound here and shared with the workers: without SO_REUSEPORT (which Hypercorn sets
+    # for several workers) a port another server holds is refused instead of silently shared.
+    config.workers = 1
+    try:
+        sockets = config.create_sockets()
+    except OSError as error:
+        raise preflight.port_refusal(error, options.host, options.port) from None
+    config.workers = options.workers
     ctx = multiprocessing.get_context("spawn")
     shutdown_event = ctx.Event()
     first_ready = ctx.Event()

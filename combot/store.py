@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -207,6 +208,17 @@ class WriteLock:
     def close(self) -> None:
         self._queue.close()
         self._lock.close()
+
+
+def connect_readonly(path: str | Path) -> sqlite3.Connection:
+    """Open a database only to read it: no migration, no lock file, no WAL written. With the file or
+    its folder read-only (an archived study), `immutable=1`: SQLite then reads the main file alone."""
+    resolved = Path(path).resolve()
+    writable = os.access(resolved, os.W_OK) and os.access(resolved.parent, os.W_OK)
+    uri = f"file:{quote(str(resolved))}?" + ("mode=ro" if writable else "immutable=1")
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -140,3 +140,115 @@ def test_serve_refuses_what_check_refuses_in_one_line_before_it_binds(study_file
     assert not (tmp_path / "study.db").exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+# --- one server per database; a port, a database or a disk that cannot be used (issue 12) ---------
+
+def serve_once(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`combot serve` expected to refuse: it must exit by itself, quickly."""
+    return subprocess.run([sys.executable, "-m", "combot", "serve", "--host", "127.0.0.1", "--workers", "1",
+                           "--access-log", "", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_a_second_serve_of_the_same_database_exits_at_once_and_leaves_the_first_alone(
+        live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    first = live_server(workers=1)
+    port = int(first.url.rsplit(":", 1)[1].strip("/"))
+    with httpx.Client(timeout=30) as client:
+        session = client.post(first.url + "api/sessions", json={}).json()["session_id"]
+        for second_port in (port, free_port()):
+            result = serve_once(["--port", str(second_port), "--database", str(first.database)], tmp_path)
+            assert result.returncode == 1 and result.stdout == ""
+            assert result.stderr == (f"Error: combot.db is being served by pid {first.process.pid} on port {port}:"
+                                     " stop that server first, or serve another database with --database\n")
+        assert first.process.poll() is None
+        reply = client.post(f"{first.url}api/sessions/{session}/messages",
+                            json={"text": "My parcel never came.", "client_message_id": "m1"})
+        assert reply.status_code == 200
+    # Once the first has stopped (even killed), the database can be served again.
+    first.stop(signal.SIGKILL)
+    again = live_server(workers=1, database=first.database)
+    assert httpx.get(again.url + "healthz", timeout=30).status_code == 200
+
+
+def test_a_port_in_use_is_one_line_even_when_another_combot_holds_it(
+        live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = serve_once(["--port", str(port), "--database", str(tmp_path / "a.db")], tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"Error: port {port} is already in use by another program: stop it, or serve on"
+                             " another port with --port (or [server] port)\n")
+    # Another Combot (another database) on the same port: refused, not sharing its connections.
+    first = live_server(workers=2, database=tmp_path / "first.db")
+    port = int(first.url.rsplit(":", 1)[1].strip("/"))
+    result = serve_once(["--port", str(port), "--database", str(tmp_path / "second.db"), "--workers", "2"], tmp_path)
+    assert result.returncode == 1 and f"port {port} is already in use" in result.stderr
+    assert first.process.poll() is None
+
+
+@pytest.fixture
+def small_mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """mount(size) -> a fresh tmpfs of that size (root only; the test is skipped otherwise)."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "8m") -> Path:
+        where = tmp_path / f"mnt{len(mounts)}"
+        where.mkdir()
+        done = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                     str(where)], capture_output=True).returncode == 0
+        if not done:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_read_only_database_is_refused_by_serve_and_exported(small_mount: Callable[..., Path],
+                                                                tmp_path: Path) -> None:
+    from combot import store
+
+    archive = small_mount()
+    database = archive / "combot.db"
+    conn = store.connect(database)
+    conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at)"
+                 " VALUES ('p1', 't1', 'basic-high-high', '{}', '{}', 0, 'started', '2026-01-01T00:00:00.000Z')")
+    conn.close()
+    before = sorted(p.name for p in archive.iterdir())
+    assert subprocess.run(["mount", "-o", "remount,ro", str(archive)], capture_output=True).returncode == 0
+    result = serve_once(["--port", str(free_port()), "--database", str(database)], tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"Error: {database} is read-only: serve needs to write to it. Serve a writable copy"
+                             " with --database, or read it with `combot export`, which works on read-only"
+                             " databases\n")
+    exported = subprocess.run([sys.executable, "-m", "combot", "export", "--database", str(database),
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert "p1" in (tmp_path / "out" / "participants.csv").read_text()
+    assert sorted(p.name for p in archive.iterdir()) == before  # nothing written beside it
+
+
+def test_a_full_disk_at_start_is_one_line(small_mount: Callable[..., Path], tmp_path: Path) -> None:
+    disk = small_mount("2m")
+    filler = disk / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    result = serve_once(["--port", str(free_port()), "--database", str(disk / "combot.db")], tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"Error: the disk holding {disk / 'combot.db'} is full (")
+    assert result.stderr.endswith("free): free some space first; serve needs room for new messages and the"
+                                  " write-ahead log\n")
