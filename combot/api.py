@@ -169,14 +169,20 @@ async def post_message(request: Request) -> Response:
     if claimed is not None and claimed != participant["turns"] + 1:
         return await _stale(res, participant, "this conversation has moved on in another window; here it is as it is now")
     factors = json.loads(participant["factors"])
-    problem = scores = None
+    problem = scores = described = None
+    attempt_scores: dict[str, float] | None = None
     seed = int.from_bytes(participant["id"].encode(), "big") % (2**32)
+    # (A re-prompted opening needs no LLM: an early call started for it is cancelled below.)
     early = start_early(res, participant, factors, state, text, seed, values)
     try:
         if engine.needs_classification(state):
             verdict = await classify_async(res.classifier, text, res.inference)
-            problem, scores = verdict.label, verdict.scores
-        step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values)
+            problem, scores, described = verdict.label, verdict.scores, verdict.described
+            # Every opening attempt keeps its scores, the opener head's P(experience) with them.
+            attempt_scores = dict(scores) | ({"experience": verdict.experience} if verdict.experience is not None
+                                             else {})
+        step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values,
+                              described=described)
         replies = await bot_messages(res, participant, factors, step, started, early)
     finally:
         if early is not None:
@@ -189,14 +195,17 @@ async def post_message(request: Request) -> Response:
                  else "[not an e-mail address]")
     incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
                                 client_message_id=client_id, stage=step.state.stage, expects=step.expects,
-                                scores=scores)
+                                scores=attempt_scores)
     try:
         stored = await res.store.run(store.record_turn, store.Turn(
             participant_id=participant["id"], expected_version=participant["version"],
             turn=participant["turns"] + 1,
             incoming=incoming, replies=replies, state=step.state.to_dict(),
             status="finished" if step.state.stage == "done" else "started",
-            problem_type=problem, scores=scores, email=step.email))
+            # Only the message that settled the opening fixes the problem type.
+            problem_type=problem if step.settled_opening else None,
+            scores=scores if step.settled_opening else None, email=step.email,
+            described_experience=step.described_experience))
     except Conflict:
         # Another request (another tab) stored a turn first: this message answered a question
         # this conversation has left behind, so it is not stored.

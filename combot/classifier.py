@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from combot.modelinfo import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, file_sha256
+from combot.modelinfo import ENCODER_FILE, HEAD_FILE, OPENER_FILE, TOKENIZER_FILE, file_sha256
 from combot.modelinfo import default_model_dir as default_model_dir  # where it was first defined
 from combot.sharedmodel import shared_copy
+
+OPENER_LABELS = ("experience", "no_experience")
 
 HEAD_FORMAT = "combot-head/1"
 
@@ -38,6 +40,10 @@ class Classification:
     label: str
     scores: dict[str, float]
     top: str
+    # From the opener head (None without one): the probability that the text describes an
+    # experience, and whether it counts as one (the head's threshold keeps real complaints in).
+    experience: float | None = None
+    described: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,16 @@ def _release_freed_memory() -> None:
         pass
 
 
+def opener_threshold(head: Head) -> float:
+    """The P(no_experience) above which the opener head says "no experience yet" (set at training)."""
+    value = head.meta.get("no_experience_above", 0.5)
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ModelError(f"the opener head's no_experience_above must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 class Classifier:
-    """The encoder and a head; `classify` is safe to call from many threads at once."""
+    """The encoder, a head and the optional opener head; `classify` is safe to call from many threads at once."""
 
     def __init__(
         self,
@@ -198,12 +212,16 @@ class Classifier:
         threshold: float = 0.0,
         fallback_label: str | None = "Other",
         label_map: Mapping[str, str] | None = None,
+        opener: Head | None = None,
     ) -> None:
-        if head.weights.shape[1] != encoder.dim:
-            raise ModelError(
-                f"the head expects {head.weights.shape[1]}-dimensional embeddings, "
-                f"the encoder produces {encoder.dim}"
-            )
+        for name, checked in (("head", head), ("opener head", opener)):
+            if checked is not None and checked.weights.shape[1] != encoder.dim:
+                raise ModelError(
+                    f"the {name} expects {checked.weights.shape[1]}-dimensional embeddings, "
+                    f"the encoder produces {encoder.dim}"
+                )
+        if opener is not None and tuple(sorted(opener.labels)) != OPENER_LABELS:
+            raise ModelError(f"the opener head's labels must be {', '.join(OPENER_LABELS)}, not {opener.labels}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError("threshold must be between 0 and 1")
         self.encoder = encoder
@@ -213,6 +231,8 @@ class Classifier:
         self.fallback_label = fallback_label
         # `[classifier] labels`: the head's labels as the study names its problem types.
         self.label_map = dict(label_map or {})
+        self.opener = opener
+        self.opener_above = opener_threshold(opener) if opener is not None else 1.0
 
     @classmethod
     def load(
@@ -227,16 +247,26 @@ class Classifier:
         label_map: Mapping[str, str] | None = None,
         weights_cache: Path | None = None,
     ) -> Classifier:
-        """Load the encoder from `model_dir` and the head (default: `model_dir/head.json`)."""
+        """Load the encoder from `model_dir`, the head (default: `model_dir/head.json`) and, when
+        `model_dir/opener.json` exists, the opener head."""
         encoder = Encoder(Path(model_dir), threads=threads, max_length=max_length, weights_cache=weights_cache)
         head_path = Path(head) if head is not None else Path(model_dir) / HEAD_FILE
         loaded = Head.read(head_path)
-        if loaded.encoder_sha256 and loaded.encoder_sha256 != file_sha256(encoder.path):
+        encoder_sha = file_sha256(encoder.path)
+        if loaded.encoder_sha256 and loaded.encoder_sha256 != encoder_sha:
             raise ModelError(
                 f"head {head_path} was trained on a different encoder than {encoder.path}; "
                 "retrain it with `combot train`"
             )
-        return cls(encoder, loaded, threshold=threshold, fallback_label=fallback_label, label_map=label_map)
+        opener_path = Path(model_dir) / OPENER_FILE
+        opener = Head.read(opener_path) if opener_path.is_file() else None
+        if opener is not None and opener.encoder_sha256 and opener.encoder_sha256 != encoder_sha:
+            raise ModelError(
+                f"opener head {opener_path} was trained on a different encoder than {encoder.path}; "
+                "rebuild it with tools/build_opener_head.py"
+            )
+        return cls(encoder, loaded, threshold=threshold, fallback_label=fallback_label, label_map=label_map,
+                   opener=opener)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -248,18 +278,25 @@ class Classifier:
         return self.encoder.embed(texts)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
-        probs = self.head.probabilities(self.embed(texts))
+        embeddings = self.embed(texts)
+        probs = self.head.probabilities(embeddings)
         labels = self.labels
         fallback = self.fallback_label
+        experience: list[float | None] = [None] * len(probs)
+        if self.opener is not None:
+            column = self.opener.labels.index("experience")
+            experience = [float(p) for p in self.opener.probabilities(embeddings)[:, column]]
         results = []
-        for row in probs:
+        for row, p_experience in zip(probs, experience, strict=True):
             best = int(row.argmax())
             top = labels[best]
             label = top
             if fallback is not None and row[best] < self.threshold:
                 label = fallback
             scores = {name: float(p) for name, p in zip(labels, row, strict=True)}
-            results.append(Classification(label=label, scores=scores, top=top))
+            described = None if p_experience is None else (1.0 - p_experience) <= self.opener_above
+            results.append(Classification(label=label, scores=scores, top=top, experience=p_experience,
+                                          described=described))
         return results
 
 

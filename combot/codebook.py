@@ -20,6 +20,8 @@ PROBLEM_MEANINGS = {
 }
 KIND_MEANINGS = {
     ("bot", "greeting"): "the bot's first message",
+    ("bot", "reprompt"): "asks again for an experience: the participant's message before it held none yet"
+                         " (a greeting such as \"hi\"), as judged by the classifier's opener head",
     ("bot", "question"): "a scripted follow-up question from the bank for the problem type",
     ("bot", "paraphrase"): "a paraphrase of the participant's message asking them to say more",
     ("bot", "empathy"): "the understanding/empathy statement (cells whose empathy text is not empty)",
@@ -92,11 +94,21 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
     for name, column in layout.factors.items():
         levels = ", ".join(f"`{level}`" for level in study.factors[name])
         participants.append((column, "text", f"level of the factor {name}: {levels}"))
-    participants.append(("problem_type", "text", f"the problem type the classifier gave the first message: one of"
-                                                 f" {labels}; empty before the first message"))
+    participants.append(("problem_type", "text", f"the problem type the classifier gave the first message that"
+                                                 f" described an experience (or the last attempt, see"
+                                                 f" `described_experience`): one of {labels}; empty before then"))
     for label, column in layout.scores.items():
-        participants.append((column, "number 0-1", f"the classifier's score for `{label}` (a participant's scores"
-                                                   " sum to 1)"))
+        participants.append((column, "number 0-1", f"the classifier's score for `{label}` on that message (a"
+                                                   " participant's scores sum to 1)"))
+    participants += [
+        ("described_experience", "integer", "1: the opening described an experience; 0: it never did, even after"
+                                            f" {study.max_reprompts} re-prompt(s) (`[study] max_reprompts`), so the"
+                                            " problem type rests on a message without one: consider excluding;"
+                                            " empty before the opening is settled, for declines, and when the"
+                                            " classifier has no opener head"),
+        ("reprompts", "integer", "how many times the bot asked again because an opening message held no experience"
+                                 " yet (`reprompt` messages); empty for a decline"),
+    ]
     participants += [
         ("status", "text", "`started`: has a cell but did not finish (still chatting, or left; see"
                            " `last_active_at`); `finished`: gave an e-mail address and reached the end;"
@@ -156,7 +168,13 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         ("fallback_reason", "text", "why a scripted or template text stood in for a language model (e.g. a"
                                     " timeout); empty otherwise"),
         ("timestamp", "timestamp", "when the message was stored"),
+        ("experience_score", "number 0-1", "for each opening message the classifier saw (the first, and any after"
+                                           " a re-prompt): the opener head's probability that it describes an"
+                                           " experience; empty for other messages"),
     ]
+    for label, column in layout.message_scores.items():
+        messages.append((column, "number 0-1", f"for each opening message: the classifier's score for `{label}`"
+                                               " (every attempt's scores, not only the deciding one's)"))
     out += [f"## messages.{ext}\n", "One row per message, ordered by participant and then as stored.\n",
             _table(messages), "### Kinds\n", "\n".join(kind_lines) + "\n", "### produced_by\n",
             "\n".join(produced_lines) + "\n"]

@@ -1,7 +1,9 @@
 """The study engine: what the bot says next. Pure: no I/O, no clock, no global randomness.
 
 `start` gives the greeting; `respond` takes the participant's state and new message (with the
-classifier's verdict on the first one) and returns the next state and the bot's replies.
+classifier's verdict on the opening ones) and returns the next state and the bot's replies. An
+opening that holds no experience yet ("hi", "ok") gets a re-prompt, up to `max_reprompts` times;
+the problem type is decided on the first message that describes one.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class State:
     problem: str | None = None
     asked: tuple[int, ...] = ()
     phrased: tuple[str, ...] = ()  # paraphrase templates used so far (see paraphrase.choose_paraphrase)
+    reprompts: int = 0  # times the bot asked again because the opening held no experience yet
 
     def to_dict(self) -> dict[str, object]:
         return {"stage": self.stage, "turn": self.turn, "problem": self.problem, "asked": list(self.asked),
-                "phrased": list(self.phrased)}
+                "phrased": list(self.phrased), "reprompts": self.reprompts}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> State:
@@ -57,7 +60,8 @@ class State:
         phrased = data.get("phrased") or []
         return cls(stage=data.get("stage", "chat"), turn=int(data.get("turn", 0)),  # type: ignore[arg-type]
                    problem=data.get("problem"), asked=tuple(int(i) for i in asked),  # type: ignore[union-attr]
-                   phrased=tuple(str(name) for name in phrased))  # type: ignore[union-attr]
+                   phrased=tuple(str(name) for name in phrased),  # type: ignore[union-attr]
+                   reprompts=int(data.get("reprompts", 0)))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class Step:
     replies: tuple[Reply, ...]
     email: str | None = None
     email_declined: bool = False
+    # Set on the step that settles the opening (the problem type is fixed): whether an experience was
+    # described (None: no opener verdict was given, so it is unknown). False/True only then.
+    described_experience: bool | None = None
+    settled_opening: bool = False
 
     @property
     def expects(self) -> Expects:
@@ -77,7 +85,7 @@ def expects(state: State) -> Expects:
 
 
 def needs_classification(state: State) -> bool:
-    """The first message decides the problem type; the caller classifies it before `respond`."""
+    """The opening decides the problem type; the caller classifies each opening message before `respond`."""
     return state.stage == "chat" and state.turn == 0
 
 
@@ -86,24 +94,34 @@ def start(study: Study, cell: Cell) -> tuple[State, tuple[Reply, ...]]:
 
 
 def respond(study: Study, cell: Cell, state: State, text: str, *, problem: str | None = None, seed: int = 0,
-            link_values: Mapping[str, str] | None = None) -> Step:
-    """The next state and replies after the participant's message `text`."""
+            link_values: Mapping[str, str] | None = None, described: bool | None = None) -> Step:
+    """The next state and replies after the participant's message `text`.
+
+    For an opening message the caller passes the classifier's `problem` type and `described`: whether
+    the message describes an experience at all (None when no opener verdict exists: it counts as one).
+    """
     if state.stage == "done":
         raise ValueError("the conversation is over")
     if state.stage == "email":
         return _email(study, cell, state, text, link_values or {})
-    if needs_classification(state):
+    settled = needs_classification(state)
+    if settled:
         if problem is None:
             raise ValueError("the first message needs a problem type")
+        if described is False and state.reprompts < study.max_reprompts:
+            again = replace(state, reprompts=state.reprompts + 1)
+            return Step(again, (Reply("reprompt", study.text("reprompt", cell)),))
         if problem not in study.problem_types:
             problem = study.catch_all
         state = replace(state, problem=problem)
     state = replace(state, turn=state.turn + 1)
     followups_given = state.turn - 1
+    described_out = described if settled else None
     if followups_given < study.followup_turns:
         reply, state = _followup(study, cell, state, text, random.Random(f"{seed}:{state.turn}"))
-        return Step(state, (reply,))
-    return Step(replace(state, stage="email"), _closing(study, cell))
+        return Step(state, (reply,), described_experience=described_out, settled_opening=settled)
+    return Step(replace(state, stage="email"), _closing(study, cell), described_experience=described_out,
+                settled_opening=settled)
 
 
 def _followup(study: Study, cell: Cell, state: State, text: str, rng: random.Random) -> tuple[Reply, State]:

@@ -73,10 +73,11 @@ def _column_name(raw: str, taken: set[str], prefix: str) -> str:
     return name
 
 
-PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "status", "consent", "started_at",
-                     "finished_at", "last_active_at", "seconds_spent", "turns", "assignment", "study_version")
+PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "described_experience", "reprompts",
+                     "status", "consent", "started_at", "finished_at", "last_active_at", "seconds_spent", "turns",
+                     "assignment", "study_version")
 MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
-                   "latency_ms", "fallback_reason", "timestamp")
+                   "latency_ms", "fallback_reason", "timestamp", "experience_score")
 PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 
 
@@ -91,6 +92,10 @@ class Layout:
         self.participants = (PARTICIPANT_FIXED[:3] + tuple(self.factors.values()) + PARTICIPANT_FIXED[3:4]
                              + tuple(self.scores.values()) + PARTICIPANT_FIXED[4:]
                              + (("synthetic",) if include_synthetic else ()))
+        # Each opening attempt's classifier scores (the first message, and any after a re-prompt).
+        taken = set(MESSAGE_COLUMNS)
+        self.message_scores = {label: _column_name("score_" + label, taken, "x_") for label in study.problem_types}
+        self.messages = MESSAGE_COLUMNS + tuple(self.message_scores.values())
         taken = set(PERSONAL_FIXED)
         names = list(dict.fromkeys([*_configured_params(study.settings), *extra_params]))
         self.params = {name: _column_name(name, taken, "param_") for name in names}
@@ -126,6 +131,8 @@ def participant_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[
         out: dict[str, Any] = {
             "participant_id": row["id"], "cell": row["cell"] or None, "cell_number": row["cell_number"],
             "problem_type": row["problem_type"], "status": row["status"],
+            "described_experience": row["described_experience"],
+            "reprompts": None if declined else int(json.loads(row["state"] or "{}").get("reprompts", 0)),
             "consent": "declined" if declined else "agreed" if row["consented_at"] else "not asked",
             "started_at": row["created_at"], "finished_at": row["finished_at"], "last_active_at": row["updated_at"],
             "seconds_spent": None if declined else _seconds(row["created_at"], row["finished_at"] or row["updated_at"]),
@@ -144,11 +151,15 @@ def message_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str,
     where = "" if layout.include_synthetic else " WHERE participant_id IN (SELECT id FROM participants WHERE synthetic = 0)"
     for row in conn.execute(
             "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, fallback_reason,"
-            f" created_at FROM messages{where} ORDER BY participant_id, id"):
-        yield {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
+            f" created_at, scores FROM messages{where} ORDER BY participant_id, id"):
+        scores = json.loads(row["scores"]) if row["scores"] else {}
+        out = {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
                "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
                "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
-               "timestamp": row["created_at"]}
+               "timestamp": row["created_at"], "experience_score": scores.get("experience")}
+        for label, column in layout.message_scores.items():
+            out[column] = scores.get(label)
+        yield out
 
 
 def personal_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
@@ -202,7 +213,7 @@ def _tables(conn: sqlite3.Connection, layout: Layout, anonymise: bool
             ) -> list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]]:
     tables: list[tuple[str, Sequence[str], Callable[[], Iterable[Mapping[str, Any]]]]] = [
         ("participants", layout.participants, lambda: participant_rows(conn, layout)),
-        ("messages", MESSAGE_COLUMNS, lambda: message_rows(conn, layout)),
+        ("messages", layout.messages, lambda: message_rows(conn, layout)),
     ]
     if not anonymise:
         tables.append((PERSONAL, layout.personal, lambda: personal_rows(conn, layout)))

@@ -17,6 +17,9 @@ from combot.settings import Settings
 ENCODER_FILE = "encoder.int8.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 HEAD_FILE = "head.json"
+# The second head on the same embeddings: does a first message describe an experience at all, or
+# is it a greeting or filler ("hi", "ok")? Optional: without it every first message counts as one.
+OPENER_FILE = "opener.json"
 
 _digests: dict[tuple[str, int, int], str] = {}
 

@@ -194,6 +194,21 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
             problems[row["problem_type"]] = problems.get(row["problem_type"], 0) + row["n"]
     problem_types = [{"type": p, "n": n} for p, n in problems.items()] + [{"type": "not yet", "n": unclassified}]
 
+    # Did the opening describe an experience? Those who never did are flagged (described_experience 0).
+    openings = {"described at once": 0, "described after a re-prompt": 0, "never described (flagged)": 0,
+                "not yet": 0, "unknown (no opener head)": 0}
+    for row in conn.execute(
+            "SELECT described_experience AS d, problem_type IS NOT NULL AS settled,"
+            " coalesce(json_extract(state, '$.reprompts'), 0) > 0 AS reprompted, count(*) AS n FROM participants"
+            " WHERE status != 'declined' AND synthetic = 0 GROUP BY d, settled, reprompted"):
+        if row["d"] == 1:
+            openings["described after a re-prompt" if row["reprompted"] else "described at once"] += row["n"]
+        elif row["d"] == 0:
+            openings["never described (flagged)"] += row["n"]
+        else:
+            openings["unknown (no opener head)" if row["settled"] else "not yet"] += row["n"]
+    opening_rows = [{"opening": k, "n": n} for k, n in openings.items() if n or k != "unknown (no opener head)"]
+
     # One latency per answered participant message: a turn may store several bot messages.
     cte = ("WITH r AS (SELECT max(latency_ms) AS ms FROM messages WHERE sender = 'bot' AND reply_to IS NOT NULL"
            f" AND latency_ms IS NOT NULL AND created_at >= ? AND {_REAL} GROUP BY reply_to)")
@@ -234,7 +249,8 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
     return {
         "generated_at": store.now(), "title": study.title, "active_minutes": study.active_minutes,
         "cells": sorted(cells.values(), key=lambda c: (c["number"] is None, c["number"] or 0, c["cell"])),
-        "totals": totals, "funnel": funnel, "problem_types": problem_types, "replies": replies,
+        "totals": totals, "funnel": funnel, "problem_types": problem_types, "openings": opening_rows,
+        "replies": replies,
         "timeline": timeline, "workers": workers, "memory": memory, "thresholds": thresholds,
         "versions": versions, "synthetic_left_out": synthetic,
         "warnings": warnings(memory, replies, thresholds) + version_warnings(versions),

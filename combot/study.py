@@ -29,6 +29,7 @@ _TEXTS = {"texts": list}
 BLOCK_KINDS: dict[str, dict[str, Any]] = {
     "presentation": {"keys": {"name": str, "logo": str, "colour": str}, "required": {"name", "colour"}, "problem": False},
     "greeting": {"keys": _TEXT, "required": {"text"}, "problem": False},
+    "reprompt": {"keys": _TEXT, "required": {"text"}, "problem": False},
     "followups": {"keys": {"mode": str}, "required": {"mode"}, "problem": False},
     "questions": {"keys": _TEXTS, "required": {"texts"}, "problem": True},
     "paraphrase": {"keys": {"texts": list, "short_texts": list}, "required": {"texts"}, "problem": True},
@@ -42,7 +43,7 @@ FOLLOWUP_MODES = ("questions", "paraphrase")
 # What an LLM may be asked to do (Reply.llm_task in the engine); each has its own [[llm_prompt]] blocks.
 LLM_TASKS = ("paraphrase",)
 STUDY_KEYS = {"title": str, "followup_turns": int, "problem_types": list, "assignment": str, "seed": int,
-              "fill": str, "active_minutes": int, "email_skip_words": list}
+              "fill": str, "active_minutes": int, "email_skip_words": list, "max_reprompts": int}
 SURVEY_KEYS = {"url": str, "link_label": str, "completion_url": str, "completion_label": str}
 ASSIGNMENT_METHODS = ("balanced", "random")
 # What counts towards a cell's size for balanced assignment (see store.cell_counts).
@@ -90,6 +91,8 @@ class Study:
     completion_label: str = "Finish and return to the study platform"
     # Replies that decline to give an e-mail address (empty: an address is required).
     email_skip_words: tuple[str, ...] = ()
+    # How often the bot asks again when a first message holds no experience yet ("hi", "ok").
+    max_reprompts: int = 2
     # Filled by `versioning.stamp` before a study is served or exported (empty until then).
     version: str = ""
     version_text: str = ""
@@ -291,6 +294,8 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         check.add(f"must be one of {', '.join(FILL_RULES)}", "study", "fill")
     if not 1 <= study.get("active_minutes", 30) <= 7 * 24 * 60:
         check.add("must be between 1 and 10080 minutes", "study", "active_minutes")
+    if not 0 <= study.get("max_reprompts", 2) <= 10:
+        check.add("must be between 0 and 10", "study", "max_reprompts")
 
     factors_table = check.attempt(lambda: check.typed(data.get("factors", {}), dict, "factors")) or {}
     if not factors_table:
@@ -372,6 +377,7 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         fill=study.get("fill", "started"),
         active_minutes=study.get("active_minutes", 30),
         email_skip_words=tuple(word.strip().lower() for word in study.get("email_skip_words", []) if word.strip()),
+        max_reprompts=study.get("max_reprompts", 2),
         blocks=blocks,
         settings=settings,
         path=check.path,
@@ -531,6 +537,9 @@ def _check_coverage(study: Study, check: _Checker) -> None:
         for kind in ("presentation", "greeting", "empathy", "closing", "email_retry", "thanks"):
             if study.block(kind, cell) is None:
                 gap(kind, f"no [[{kind}]] block applies to cell {label}", kind)
+        if study.max_reprompts and study.block("reprompt", cell) is None:
+            gap("reprompt", f"no [[reprompt]] block applies to cell {label} (add one, or set"
+                            f" [study] max_reprompts = 0 to never ask again after a greeting)", "reprompt")
         mode = study.followup_mode(cell)
         for problem in study.problem_types:
             if study.followup_turns and not study.texts("paraphrase", cell, problem):

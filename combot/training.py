@@ -385,3 +385,31 @@ def train_head(
     )
     head.write(target)
     return TrainResult(target, labels, len(y), cv, folds, l2, counts)
+
+
+# --- the opener head: "does this first message describe an experience yet?" -------------------------
+
+
+def out_of_fold_proba(
+    X: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = DEFAULT_FOLDS, l2: float = DEFAULT_L2, seed: int = 0
+) -> np.ndarray:
+    """Each example's probabilities from a head fitted on the other folds (stratified, seeded)."""
+    y = np.asarray(y)
+    out = np.zeros((len(y), n_classes))
+    for test in stratified_folds(y, folds, seed):
+        train = np.setdiff1d(np.arange(len(y)), test)
+        out[test] = predict_proba(fit_softmax(X[train], y[train], n_classes, l2=l2), X[test])
+    return out
+
+
+def keep_every_experience(p_no_experience: np.ndarray, margin: float = 0.05, floor: float = 0.5,
+                          ceiling: float = 0.99) -> float:
+    """The threshold on P(no_experience) above which a first message is re-prompted: above every
+    score a real experience got in the out-of-fold predictions (plus a margin), never below `floor`.
+
+    A re-prompted complaint costs a participant an odd question and loses nothing, yet it is the
+    error researchers notice; a greeting let through costs the think-high manipulation for that
+    participant. The threshold leans towards letting text through.
+    """
+    highest = float(np.max(p_no_experience)) if len(p_no_experience) else 0.0
+    return float(min(ceiling, max(floor, highest + margin)))

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from combot.modelinfo import ENCODER_FILE, file_sha256, model_paths
+from combot.modelinfo import ENCODER_FILE, OPENER_FILE, file_sha256, model_paths
 from combot.settings import OPTIONS
 from combot.study import BLOCK_KINDS, Study
 
@@ -75,7 +75,7 @@ def effective_document(study: Study) -> dict[str, Any]:
                   "problem_types": list(study.problem_types), "assignment": study.assignment,
                   **({"seed": study.seed} if study.seed is not None else {}),
                   "fill": study.fill, "active_minutes": study.active_minutes,
-                  "email_skip_words": list(study.email_skip_words)},
+                  "email_skip_words": list(study.email_skip_words), "max_reprompts": study.max_reprompts},
         "factors": {name: list(levels) for name, levels in study.factors.items()},
         "survey": {"url": study.survey_url, "link_label": study.survey_label, "completion_url": study.completion_url,
                    "completion_label": study.completion_label},
@@ -92,9 +92,11 @@ def effective_document(study: Study) -> dict[str, Any]:
     return doc
 
 
-def effective_text(study: Study, head_sha256: str, encoder_sha256: str) -> str:
+def effective_text(study: Study, head_sha256: str, encoder_sha256: str, opener_sha256: str | None = None) -> str:
+    # The opener head decides re-prompts, so it is part of what participants saw.
+    opener = f"# classifier opener head sha256: {opener_sha256}\n" if opener_sha256 else ""
     return (f"# The study as Combot served it (defaults filled in; a study file that loads as it is).\n"
-            f"# classifier head sha256: {head_sha256}\n# classifier encoder sha256: {encoder_sha256}\n\n"
+            f"# classifier head sha256: {head_sha256}\n# classifier encoder sha256: {encoder_sha256}\n{opener}\n"
             + dump_toml(effective_document(study)))
 
 
@@ -111,6 +113,7 @@ def model_digests(study: Study) -> tuple[str, str]:
 def stamp(study: Study) -> Study:
     """The study with its version, the version's text and the model digests filled in."""
     head_sha, encoder_sha = model_digests(study)
-    text = effective_text(study, head_sha, encoder_sha)
+    opener = model_paths(study.settings)[0] / OPENER_FILE
+    text = effective_text(study, head_sha, encoder_sha, file_sha256(opener) if opener.is_file() else None)
     return dataclasses.replace(study, version=version_of(text), version_text=text, head_sha256=head_sha,
                                encoder_sha256=encoder_sha)

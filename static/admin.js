@@ -159,6 +159,7 @@
     drawCells(data.cells);
     hbars($("funnel"), data.funnel, "step");
     hbars($("problems"), data.problem_types, "type");
+    hbars($("openings"), data.openings || [], "opening");
     var r = data.replies;
     $("window").textContent = "over the last " + r.window_minutes + " minutes";
     setText("p50", seconds(r.p50_ms));

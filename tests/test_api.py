@@ -7,6 +7,7 @@ concurrent retries, abandoned (lost) responses and two "tabs" racing on one sess
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -341,3 +342,94 @@ def test_two_tabs_racing_never_answer_a_question_they_did_not_see(live_server: C
           f" {stored_wrong} stored against a question the sending tab did not show")
     assert stored_wrong == 0 and stale_stored == 0
     assert refused > 0, "the two tabs never collided: the test did not attack anything"
+
+
+# --- a greeting is not the complaint (with the shipped classifier) ---------------------------------
+
+@pytest.fixture
+def real(tmp_path: Path, started_app: Callable[..., TestClient], study_file: Callable[..., Path]) -> Callable[..., TestClient]:
+    """real(**replace) -> a TestClient with the shipped model, on the default study with text replaced."""
+    from combot.study import load_study
+
+    def make(**replace: str) -> TestClient:
+        return started_app(load_study(study_file(replace), environ={}), tmp_path / "real.db")
+    return make
+
+
+def think_high_session(c: TestClient, database: Path) -> str:
+    """A session in a think-high cell (balanced assignment fills every cell within eight)."""
+    for _ in range(8):
+        sid = c.post("/api/sessions", json={}).json()["session_id"]
+        factors = json.loads(rows(database, "SELECT factors FROM participants WHERE token = ?", sid)[0][0])
+        if factors["think"] == "high":
+            return str(sid)
+    raise AssertionError("no think-high cell in eight sessions")
+
+
+def test_hello_is_re_prompted_and_the_complaint_gets_its_scripted_questions(real: Callable[..., TestClient],
+                                                                           tmp_path: Path) -> None:
+    from combot.study import load_study
+
+    c = real()
+    sid = think_high_session(c, tmp_path / "real.db")
+    first = c.post(f"/api/sessions/{sid}/messages", json={"text": "hello?", "turn": 1}).json()
+    assert first["expects"] == "message" and first["turn"] == 2
+    second = c.post(f"/api/sessions/{sid}/messages", json={"text": "My parcel never arrived and the tracking is"
+                                                                   " stuck.", "turn": 2}).json()
+    participant = rows(tmp_path / "real.db", "SELECT * FROM participants WHERE token = ?", sid)[0]
+    study = load_study(tmp_path / "combot.toml")
+    factors = json.loads(participant["factors"])
+    assert first["replies"][0]["text"] == study.text("reprompt", factors)
+    assert participant["problem_type"] == "B" and participant["described_experience"] == 1
+    assert second["replies"][0]["text"] in study.texts("questions", factors, "B")
+    opening = rows(tmp_path / "real.db", "SELECT text, scores, kind FROM messages WHERE sender = 'participant'"
+                                         " AND participant_id = ?", participant["id"])
+    attempts = [json.loads(r["scores"]) for r in opening]
+    assert attempts[0]["experience"] < 0.5 < attempts[1]["experience"]
+    assert attempts[1]["B"] == pytest.approx(json.loads(participant["scores"])["B"])
+    assert [r["kind"] for r in rows(tmp_path / "real.db", "SELECT kind FROM messages WHERE sender = 'bot'"
+                                    " AND participant_id = ?", participant["id"])] == ["greeting", "reprompt", "question"]
+
+
+def test_someone_who_never_describes_one_is_flagged_and_exported(real: Callable[..., TestClient], tmp_path: Path) -> None:
+    from combot import export
+    from combot.study import load_study
+
+    c = real()
+    sid = c.post("/api/sessions", json={}).json()["session_id"]
+    kinds = []
+    for text in ("hi", "ok", "hmm"):
+        kinds += [r for r in c.post(f"/api/sessions/{sid}/messages", json={"text": text}).json()["replies"]]
+    participant = rows(tmp_path / "real.db", "SELECT * FROM participants")[0]
+    assert participant["described_experience"] == 0 and participant["problem_type"]
+    assert json.loads(participant["state"])["reprompts"] == 2
+    export.export_to_dir(export.open_database(tmp_path / "real.db"), load_study(tmp_path / "combot.toml"),
+                         tmp_path / "out")
+    import csv
+
+    with open(tmp_path / "out" / "participants.csv", newline="", encoding="utf-8") as fh:
+        exported = list(csv.DictReader(fh))
+    assert exported[0]["described_experience"] == "0" and exported[0]["reprompts"] == "2"
+    with open(tmp_path / "out" / "messages.csv", newline="", encoding="utf-8") as fh:
+        scored = [r for r in csv.DictReader(fh) if r["experience_score"]]
+    assert [r["text"] for r in scored] == ["hi", "ok", "hmm"] and all(r["score_Other"] for r in scored)
+    codebook = (tmp_path / "out" / "codebook.md").read_text()
+    assert "`described_experience`" in codebook and "`reprompt`" in codebook and "`experience_score`" in codebook
+    # The dashboard flags them too.
+    from combot import monitor
+
+    stats = c.get("/admin/api/stats", headers={"Authorization": f"Bearer {c.app.state.admin_token.value}"})
+    openings = {row["opening"]: row["n"] for row in stats.json()["openings"]}
+    assert openings["never described (flagged)"] == 1 and openings["described at once"] == 0
+    conn = export.open_database(tmp_path / "real.db")
+    assert {r["opening"]: r["n"] for r in monitor.dashboard(conn, load_study(tmp_path / "combot.toml"))["openings"]} \
+        == openings
+
+
+def test_max_reprompts_zero_keeps_the_old_behaviour(real: Callable[..., TestClient], tmp_path: Path) -> None:
+    c = real(**{"max_reprompts = 2": "max_reprompts = 0"})
+    sid = c.post("/api/sessions", json={}).json()["session_id"]
+    c.post(f"/api/sessions/{sid}/messages", json={"text": "hi"})
+    participant = rows(tmp_path / "real.db", "SELECT * FROM participants")[0]
+    assert participant["problem_type"] == "Other" and participant["described_experience"] == 0
+    assert "reprompt" not in [r["kind"] for r in rows(tmp_path / "real.db", "SELECT kind FROM messages")]

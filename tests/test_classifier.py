@@ -221,3 +221,68 @@ def test_without_a_writable_cache_each_worker_loads_the_model_itself(tmp_path: P
     assert encoder.loaded_from == default_model_dir() / "encoder.int8.onnx"
     assert encoder.embed(["my parcel is late"]).shape == (1, encoder.dim)
     assert sharedmodel.cache_dir("") is None and sharedmodel.cache_dir("~/x") == Path.home() / "x"
+
+
+# --- the opener head: does a first message describe an experience yet? (issue 11) --------------------
+
+OPENERS = Path(__file__).resolve().parent.parent / "data" / "openers"
+
+
+def test_the_opener_head_keeps_every_real_complaint_on_the_held_out_openers(shipped: Classifier) -> None:
+    """data/openers/valid.csv was written apart from the training data and never trained on."""
+    import csv
+
+    from combot import training
+
+    with open(OPENERS / "valid.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    said = [shipped.classify([row["text"]])[0] for row in rows]
+    truth = [0 if row["label"] == "experience" else 1 for row in rows]
+    scores = training.score(truth, [0 if s.described else 1 for s in said], ["experience", "no_experience"])
+    print("\nopeners valid.csv:\n" + scores.table())
+    assert scores.per_class["experience"]["recall"] == 1.0, [
+        row["text"] for row, s in zip(rows, said) if row["label"] == "experience" and not s.described]
+    assert scores.per_class["experience"]["precision"] >= 0.95
+    assert scores.per_class["no_experience"]["recall"] >= 0.9
+
+
+@pytest.mark.parametrize("text, described", [
+    ("hi", False), ("hello?", False), ("ok", False), ("I have a complaint", False),
+    ("hi, my parcel never came", True), ("rude cashier", True), ("the app keeps charging me twice", True),
+])
+def test_the_opener_verdict(shipped: Classifier, text: str, described: bool) -> None:
+    result = shipped.classify([text])[0]
+    assert result.described is described and result.experience is not None and 0 <= result.experience <= 1
+
+
+def test_without_an_opener_head_there_is_no_verdict(tmp_path: Path) -> None:
+    for name in ("encoder.int8.onnx", "tokenizer.json", "head.json"):
+        (tmp_path / name).symlink_to(MODEL_DIR / name)
+    result = Classifier.load(tmp_path).classify(["hi"])[0]
+    assert result.described is None and result.experience is None
+
+
+def test_an_opener_head_from_another_encoder_is_refused(tmp_path: Path) -> None:
+    for name in ("encoder.int8.onnx", "tokenizer.json", "head.json"):
+        (tmp_path / name).symlink_to(MODEL_DIR / name)
+    raw = json.loads((MODEL_DIR / "opener.json").read_text())
+    raw["encoder_sha256"] = "0" * 64
+    (tmp_path / "opener.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="opener head .* different encoder"):
+        Classifier.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_opener_head_rebuilds_the_same(tmp_path: Path) -> None:
+    """tools/build_opener_head.py is reproducible: the shipped opener.json is what it builds."""
+    import subprocess
+    import sys
+
+    root = MODEL_DIR.parent
+    subprocess.run([sys.executable, str(root / "tools" / "build_opener_head.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    built = json.loads((tmp_path / "opener.json").read_text())
+    shipped = json.loads((MODEL_DIR / "opener.json").read_text())
+    assert built["meta"]["no_experience_above"] == pytest.approx(shipped["meta"]["no_experience_above"], abs=1e-9)
+    assert np.allclose(built["weights"], shipped["weights"], atol=1e-5)
+    assert (tmp_path / "OPENERS.md").read_text() == (MODEL_DIR / "OPENERS.md").read_text()

@@ -156,3 +156,64 @@ def test_an_email_can_be_declined_when_the_study_allows_it(study_file) -> None: 
     assert declined.replies[0].kind == "thanks" and declined.replies[0].link is not None
     # With the default study, "skip" is not an address and is asked again.
     assert engine.respond(STUDY, HIGH, state, "skip").state.stage == "email"
+
+
+def _open(cell: dict[str, str], verdicts: list[tuple[str, bool | None]], study=STUDY) -> list[engine.Step]:  # type: ignore[no-untyped-def]
+    """Opening messages with the classifier's (problem, described) verdict on each."""
+    state, _ = engine.start(study, cell)
+    steps = []
+    for problem, described in verdicts:
+        assert engine.needs_classification(state)
+        step = engine.respond(study, cell, state, "whatever", problem=problem, described=described, seed=3)
+        steps.append(step)
+        state = step.state
+    return steps
+
+
+def test_a_greeting_is_re_prompted_and_the_complaint_decides_the_problem_type() -> None:
+    steps = _open(HIGH, [("Other", False), ("B", True)])
+    assert [r.kind for r in steps[0].replies] == ["reprompt"]
+    assert steps[0].replies[0].text == STUDY.text("reprompt", HIGH)
+    assert steps[0].state.problem is None and steps[0].state.turn == 0 and steps[0].state.reprompts == 1
+    assert not steps[0].settled_opening and steps[0].described_experience is None
+    assert steps[1].settled_opening and steps[1].described_experience is True
+    assert steps[1].state.problem == "B" and steps[1].replies[0].kind == "question"
+    assert steps[1].replies[0].text in STUDY.texts("questions", HIGH, "B")
+
+
+def test_after_max_reprompts_the_last_attempt_decides_and_is_flagged() -> None:
+    assert STUDY.max_reprompts == 2
+    steps = _open(LOW, [("Other", False), ("Other", False), ("A", False)])
+    assert [s.replies[0].kind for s in steps] == ["reprompt", "reprompt", "paraphrase"]
+    assert steps[-1].settled_opening and steps[-1].described_experience is False and steps[-1].state.problem == "A"
+    # Then the conversation carries on with all its follow-ups: re-prompts are not follow-ups.
+    state = steps[-1].state
+    kinds = []
+    while state.stage == "chat":
+        step = engine.respond(STUDY, LOW, state, "More about it.")
+        kinds += [r.kind for r in step.replies]
+        state = step.state
+    assert kinds == ["paraphrase"] * 3 + ["closing"]
+
+
+def test_without_an_opener_verdict_or_with_max_reprompts_zero_the_first_message_decides(study_file) -> None:  # type: ignore[no-untyped-def]
+    assert _open(HIGH, [("A", None)])[0].settled_opening
+    assert _open(HIGH, [("A", None)])[0].described_experience is None
+    never = load_study(study_file({"max_reprompts = 2": "max_reprompts = 0"}))
+    step = _open(HIGH, [("Other", False)], study=never)[0]
+    assert step.settled_opening and step.described_experience is False and step.replies[0].kind == "paraphrase"
+
+
+def test_re_prompts_never_name_the_condition() -> None:
+    for cell in STUDY.cells():
+        text = STUDY.text("reprompt", cell).lower()
+        for secret in ("think", "feel", "high", "low", "condition", "cell"):
+            assert secret not in text
+
+
+def test_a_study_without_reprompt_texts_names_the_fix(study_file) -> None:  # type: ignore[no-untyped-def]
+    from combot.errors import ConfigError
+
+    path = study_file({'[[reprompt]]\nwhen = { brand = "basic", think = "low" }': '[[greeting]]\nwhen = { brand = "basic", think = "low" }'})
+    with pytest.raises(ConfigError, match=r"no \[\[reprompt\]\] block applies to cell basic-low-high.*max_reprompts = 0"):
+        load_study(path)

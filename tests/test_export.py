@@ -95,7 +95,8 @@ def test_participants_have_one_row_each_with_factors_scores_and_times(filled: Ca
     assert counts == {"participants": 3, "messages": 2 * len(TRICKY) + 2 + 1 + 2 + 1, "personal": 3}
     rows = {r["participant_id"]: r for r in read_csv(tmp_path / "out" / "participants.csv")}
     assert list(rows["p1"]) == ["participant_id", "cell", "cell_number", "brand", "think", "feel", "problem_type",
-                                "score_A", "score_B", "score_C", "score_Other", "status", "consent", "started_at",
+                                "score_A", "score_B", "score_C", "score_Other", "described_experience", "reprompts",
+                                "status", "consent", "started_at",
                                 "finished_at", "last_active_at", "seconds_spent", "turns", "assignment",
                                 "study_version"]
     one = rows["p1"]
@@ -122,7 +123,7 @@ def test_messages_round_trip_through_csv_with_formulas_neutralised(filled: Calla
     raw = (tmp_path / "out" / "messages.csv").read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf"), "no byte-order mark"
     rows = read_csv(tmp_path / "out" / "messages.csv")
-    assert list(rows[0]) == list(export.MESSAGE_COLUMNS)
+    assert list(rows[0]) == list(export.Layout(study).messages)
     sent = [r["text"] for r in rows if r["participant_id"] == "p1" and r["kind"] == "message"]
     expected = ["'" + t if t[0] in "=+-@\t\r" else t for t in TRICKY]
     assert sent == expected
