@@ -5,61 +5,195 @@ from __future__ import annotations
 import random
 import re
 
-# First person -> second person. Applied word by word; case is restored afterwards.
-_REFLECT = {
+# The participant's words seen from the bot: first person becomes second and second person first.
+_FIRST_TO_SECOND = {
     "i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself",
     "we": "you", "us": "you", "our": "your", "ours": "yours", "ourselves": "yourselves",
     "i'm": "you're", "im": "you're", "i've": "you've", "ive": "you've", "i'd": "you'd", "i'll": "you'll",
     "we're": "you're", "we've": "you've", "we'd": "you'd", "we'll": "you'll",
-    "am": "are", "was": "were",
-    "you": "I", "your": "my", "yours": "mine", "yourself": "myself",
 }
-# "was" only changes after a first-person subject ("I was" -> "you were", "it was" stays).
-_FIRST_PERSON = {"i", "we"}
-# Sentence openers safe to lower-case mid-sentence (a brand or a name keeps its capital).
-_COMMON_OPENERS = {
-    "the", "a", "an", "it", "this", "that", "these", "those", "they", "he", "she", "you", "your", "yours",
-    "there", "so", "then", "last", "yesterday", "today", "when", "after", "before", "on", "in", "at", "about",
-    "recently", "well", "basically", "ordered", "bought", "got", "went", "had", "my", "our", "some", "one",
+_SECOND_TO_FIRST = {
+    "your": "my", "yours": "mine", "yourself": "myself", "yourselves": "ourselves",
+    "you're": "I'm", "youre": "I'm", "you've": "I've", "you'd": "I'd", "you'll": "I'll",
 }
-_WORD = re.compile(r"[A-Za-z']+|[^A-Za-z']+")
+# Verbs that agree with the new subject: "I was" -> "you were", "you were" -> "I was".
+_AFTER_FIRST = {"am": "are", "was": "were", "wasn't": "weren't"}
+_AFTER_SECOND = {"are": "am", "were": "was", "weren't": "wasn't", "aren't": "am not"}
+# "you" is a subject ("I") at the start of a clause or before a verb, otherwise an object ("me").
+_CLAUSE_OPENERS = {
+    "and", "but", "or", "so", "because", "since", "when", "if", "that", "while", "though", "although", "until",
+    "unless", "whether", "as", "once", "then", "where", "why", "how", "what", "can", "could", "would", "will",
+    "did", "do", "does", "should", "have", "had", "were", "are", "whenever", "before", "after",
+}
+_SUBJECT_FOLLOWERS = {
+    "would", "will", "can", "could", "should", "shall", "might", "must", "may", "did", "didn't", "do", "don't",
+    "does", "doesn't", "have", "haven't", "had", "hadn't", "are", "aren't", "were", "weren't", "never", "always",
+    "just", "only", "still", "also", "said", "told", "sent", "lost", "promised", "charged", "keep", "kept", "won't", "wouldn't", "can't", "couldn't", "shouldn't", "really", "clearly", "obviously",
+}
+# Words said before the point ("Yes,", "Well", "Ok so", "Um,"): dropped from the front.
+_FILLERS = {"ok", "okay", "um", "umm", "uh", "uhm", "erm", "hmm", "hm", "ugh", "hey", "hi", "hello", "yeah", "yep",
+            "yup", "sure", "alright", "oh", "ah", "wow", "lol"}
+# Dropped from the front only before a comma or the start of a clause ("No, they ..." but "No one ...").
+_SOFT_FILLERS = {"yes", "no", "well", "so", "and", "right", "anyway", "anyways", "also"}
+_CLAUSE_STARTS = {"i", "we", "my", "our", "the", "a", "an", "they", "he", "she", "it", "this", "that", "there",
+                  "basically", "then", "i'm", "i've", "i'd", "i'll", "we're", "after", "when", "last", "yesterday",
+                  "their", "his", "her", "its", "so", "you", "your"}
+# Hedges said about oneself: dropped ("they were slow I guess" -> "they were slow").
+_HEDGE = re.compile(r"(?:^|(?<=\s)|(?<=,))\s*,?\s*\bI\s+(?:guess|suppose)\b\s*,?|,\s*I\s+think\s*$", re.IGNORECASE)
+# Common words that start a sentence in lower case when it becomes part of the bot's; any other
+# capitalised first word (Amazon, FedEx, Brightmart) is taken for a name and keeps its capital.
+_COMMON_STARTS = set("""
+the a an it its this that these those they them their he she his her him you your yours we there here so then
+last yesterday today tonight recently when after before on in at about during since because as if while though
+although well basically honestly apparently actually literally really also just only even still never always
+once twice first second third next every everything nothing nobody no none not all both each many most some
+several one two three four five six seven eight nine ten my our ordered bought got went had have has was were
+is are did do does called tried waited paid spent received asked sent made took came arrived left returned
+booked complained contacted emailed phoned gave found noticed used customer customers delivery package parcel
+order orders staff service services shipping product products item items shop store stores company the
+support seller sellers manager waiter waitress cashier clerk driver courier website app phone bank airline
+hotel restaurant people someone somebody everyone everybody anyone nothing something long to be frankly sadly
+unfortunately luckily suddenly eventually finally instead meanwhile overall again already almost maybe perhaps
+thank thanks please sorry can could would will should why what how who which where whenever get
+""".split())
+_QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
+_TOKEN = re.compile(r"[A-Za-z']+|[^A-Za-z']+")
 _MAX_WORDS = 30
 
 
+def _sentences(text: str) -> list[str]:
+    return [part for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if part]
+
+
 def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    parts = re.split(r"(?<=[.!?])\s+", text)
-    sentence = parts[0] if parts else text
-    # A greeting such as "Hi!" says little: use the next sentence when there is one.
+    parts = _sentences(text)
+    sentence = parts[0] if parts else ""
+    # A greeting such as "Hi!" or "Good morning." says little: use the next sentence when there is one.
     if len(sentence.split()) <= 2 and len(parts) > 1:
         sentence = parts[1]
     return sentence
 
 
+def _drop_fillers(sentence: str) -> str:
+    """'Ok so I bought ...' -> 'I bought ...'; 'No, they never ...' -> 'they never ...'; 'No one ...' stays."""
+    while True:
+        match = re.match(r"([A-Za-z']+)([,.!?;:]*)\s+(\S+)", sentence)
+        if not match:
+            return sentence
+        word, punctuation, following = match.group(1).lower(), match.group(2), match.group(3).lower().strip(",.!?")
+        soft_ok = punctuation or following in _CLAUSE_STARTS or following in _FILLERS or following in _SOFT_FILLERS
+        if word in _FILLERS or (word in _SOFT_FILLERS and soft_ok):
+            sentence = sentence[match.start(3):]
+        else:
+            return sentence
+
+
+def _swap_persons(sentence: str) -> str:
+    """First person to second and second to first, word by word, with the verbs that agree."""
+    tokens = _TOKEN.findall(sentence)
+    words = [i for i, t in enumerate(tokens) if t[0].isalpha() or t[0] == "'"]
+    out = list(tokens)
+    subject: str | None = None  # "first"/"second": the last pronoun swapped was a subject of that person
+
+    def neighbour(position: int, step: int) -> str:
+        index = words.index(position) + step
+        return tokens[words[index]].lower() if 0 <= index < len(words) else ""
+
+    def starts_clause(position: int) -> bool:
+        index = words.index(position)
+        if index == 0:
+            return True
+        between = "".join(tokens[words[index - 1] + 1:position])
+        return any(mark in between for mark in ",;:") or tokens[words[index - 1]].lower() in _CLAUSE_OPENERS
+
+    for position in words:
+        token = tokens[position]
+        lower = token.lower()
+        replacement: str | None = None
+        if lower in _FIRST_TO_SECOND:
+            replacement = _FIRST_TO_SECOND[lower]
+            subject = "first" if lower in ("i", "we") else None
+        elif lower == "you":
+            following = neighbour(position, 1)
+            if following in ("guys", "people"):  # "you guys lost it", "with you people": the company
+                after = words[words.index(position) + 1]
+                out[after] = out[after - 1] = ""
+                following = neighbour(position, 2)
+            if starts_clause(position) or following in _SUBJECT_FOLLOWERS:
+                replacement, subject = "I", "second"
+            else:
+                replacement, subject = "me", None
+        elif lower in _SECOND_TO_FIRST:
+            replacement = _SECOND_TO_FIRST[lower]
+            subject = None
+        elif subject == "first" and lower in _AFTER_FIRST:
+            replacement, subject = _AFTER_FIRST[lower], None
+        elif subject == "second" and lower in _AFTER_SECOND:
+            replacement, subject = _AFTER_SECOND[lower], None
+        else:
+            subject = subject if lower in ("never", "always", "really", "just", "still", "also") else None
+        if replacement is not None:
+            if token.isupper() and len(token) > 1 and replacement != "I":
+                replacement = replacement.upper()
+            out[position] = replacement
+    return "".join(out)
+
+
+# A message that starts with the verb ("waited 3 weeks", "charged twice") leaves out its subject,
+# the participant: it is put back.
+_ACTIVE_START = {"waited", "ordered", "bought", "paid", "called", "tried", "spent", "received", "asked", "returned",
+                 "booked", "complained", "contacted", "emailed", "phoned", "rang", "went", "visited", "wanted",
+                 "needed", "expected", "purchased", "requested", "reported", "chatted", "queued"}
+_PASSIVE_START = {"charged", "billed", "overcharged", "ignored", "refused", "denied", "treated", "scammed",
+                  "cheated", "shouted", "yelled", "hung", "overlooked", "insulted", "blamed", "misled"}
+
+
+def _put_back_subject(text: str) -> str:
+    first = text.split(" ", 1)[0].lower()
+    if first in _ACTIVE_START:
+        return "you " + text[:1].lower() + text[1:]
+    if first in _PASSIVE_START:
+        return "you were " + text[:1].lower() + text[1:]
+    return text
+
+
+def _lower_first(text: str) -> str:
+    """The reflection goes mid-sentence: a common first word loses its capital; 'I' and names keep theirs."""
+    first = text.split(" ", 1)[0]
+    bare = first.strip("'\"(").lower()
+    if first in ("I", "I'm", "I've", "I'd", "I'll") or not first[:1].isupper():
+        return text
+    if bare in _COMMON_STARTS or bare in _FIRST_TO_SECOND or bare in _SECOND_TO_FIRST or (
+            first[1:].islower() and bare.endswith(("ed", "ing", "ly"))):
+        return first.lower() + text[len(first):]
+    return text
+
+
 def reflect(text: str) -> str:
-    """Turn 'I ordered a lamp and my box was crushed!' into 'you ordered a lamp and your box was crushed'."""
+    """Turn 'Ok so I ordered a lamp and my box was crushed!' into 'you ordered a lamp and your box was crushed'.
+
+    Quoted speech stays as it was said; greetings and fillers in front are dropped, and so are
+    hedges such as "I guess"; the result starts in lower case unless it starts with a name or "I".
+    """
     sentence = _first_sentence(text)
     words = sentence.split()
     if len(words) > _MAX_WORDS:
         sentence = " ".join(words[:_MAX_WORDS]) + " ..."
-    out: list[str] = []
-    previous = ""
-    for token in _WORD.findall(sentence):
-        lower = token.lower()
-        if lower in _REFLECT and (lower != "was" or previous in _FIRST_PERSON) and (lower != "am" or previous == "i"):
-            replacement = _REFLECT[lower]
-            if token.isupper() and len(token) > 1:
-                replacement = replacement.upper()
-            out.append(replacement)
-        else:
-            out.append(token)
-        if token.strip():
-            previous = lower if lower.strip("'").isalpha() else ""
-    result = "".join(out).strip()
-    result = result.rstrip(" .!?,;:")
-    first = result.split(" ", 1)[0]
-    if first.lower() in _COMMON_OPENERS and first != "I":
-        result = first.lower() + result[len(first):]
+    sentence = _drop_fillers(sentence)
+    # Quoted speech is kept as said: set aside while the persons are swapped.
+    quotes: list[str] = []
+
+    def hold(match: re.Match[str]) -> str:
+        quotes.append(match.group(0))
+        return f"\x00{len(quotes) - 1}\x00"
+
+    sentence = _QUOTED.sub(hold, sentence)
+    sentence = _HEDGE.sub("", sentence).strip()
+    sentence = _swap_persons(sentence)
+    sentence = re.sub("\x00(\\d+)\x00", lambda m: quotes[int(m.group(1))], sentence)
+    result = " ".join(sentence.split()).strip().rstrip(" .!?,;:")
+    result = re.sub(r"\s+([,;:])", r"\1", result)
+    result = _put_back_subject(_lower_first(result))
     return result or "you had a bad experience"
 
 
