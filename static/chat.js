@@ -17,6 +17,10 @@
   var CLIENT_KEY_STORAGE = "combot:client-key:" + location.pathname + location.search;
   // Waits between automatic retries of a request that failed on the network or with a 5xx.
   var RETRY_DELAYS_MS = [800, 1600, 3200, 6400];
+  // After those, a message the server could not take is tried again this often (and at once on `online`).
+  var LATER_RETRY_MS = 15000;
+  // Within this many pixels of the end the participant counts as reading the newest message.
+  var PINNED_SLACK_PX = 48;
   // The server answers 503 itself when a reply takes too long; this only catches a connection that hangs.
   var REQUEST_TIMEOUT_MS = 45000;
   var DEFAULT_MAX_CHARS = 2000;
@@ -50,7 +54,10 @@
     email: document.getElementById("email"),
     send: document.getElementById("send"),
     hint: document.getElementById("hint"),
-    counter: document.getElementById("counter")
+    counter: document.getElementById("counter"),
+    jump: document.getElementById("jump"),
+    kept: document.getElementById("kept"),
+    keptText: document.getElementById("kept-text")
   };
 
   var state = {
@@ -58,9 +65,12 @@
     expects: "message",
     maxChars: DEFAULT_MAX_CHARS,
     bot: { name: "", logo: null },
-    busy: false,
-    failed: null, // the message that could not be sent: {id, text, row}
+    busy: false, // a message is on its way: sent, or being retried, and not yet answered
+    failed: null, // the message that could not be sent: {id, text, turn, row}
+    retryTimer: null,
     noticeHandler: null,
+    noticeRetries: false, // the notice's action is a retry, so coming back online does it by itself
+    pinned: true, // the participant is at the newest message (not scrolled up to read)
     declinedText: "",
     redirectTimer: null,
     turn: null, // the turn number the server expects next, as this page last heard it
@@ -68,10 +78,6 @@
   };
 
   // --- small helpers ------------------------------------------------------------------------------
-
-  function sleep(ms) {
-    return new Promise(function (resolve) { setTimeout(resolve, ms); });
-  }
 
   function newMessageId() {
     if (window.crypto && typeof window.crypto.randomUUID === "function") {
@@ -123,6 +129,24 @@
         if (value) store.setItem(STORAGE_KEY, value); else store.removeItem(STORAGE_KEY);
       } catch (e) { /* see storageGet */ }
     });
+  }
+
+  // Per session, in this tab only: what is typed but not sent, and a message sent but not yet answered.
+  function tabGet(kind) {
+    if (!state.sessionId) return null;
+    try {
+      return window.sessionStorage.getItem("combot:" + kind + ":" + state.sessionId);
+    } catch (e) {
+      return null; // see storageGet
+    }
+  }
+
+  function tabSet(kind, value) {
+    if (!state.sessionId) return;
+    try {
+      var key = "combot:" + kind + ":" + state.sessionId;
+      if (value) window.sessionStorage.setItem(key, value); else window.sessionStorage.removeItem(key);
+    } catch (e) { /* see storageGet */ }
   }
 
   function clientKey() {
@@ -240,34 +264,64 @@
 
   function addMessage(from, text, link) {
     var mine = from === "participant";
+    var wasPinned = state.pinned;
     var row = make("div", "msg " + (mine ? "msg--participant" : "msg--bot"));
     if (!mine) row.appendChild(avatar());
     var bubble = make("div", "bubble");
     // Screen readers hear who said what; sighted readers see it from the side and colour.
     bubble.appendChild(make("span", "visually-hidden", mine ? "You: " : state.bot.name + ": "));
-    bubble.appendChild(make("p", "bubble__text", typeof text === "string" ? text : ""));
+    var body = make("p", "bubble__text", typeof text === "string" ? text : "");
+    // Hebrew or Arabic reads right to left, with its punctuation and emoji where the writer put them.
+    body.dir = "auto";
+    bubble.appendChild(body);
     if (link && typeof link === "object") {
       row.classList.add("msg--has-link");
       bubble.appendChild(surveyLink(link));
     }
     row.appendChild(bubble);
     el.log.appendChild(row);
-    scrollToEnd();
+    // The participant's own message always brings them to the end; a reply does only if they were
+    // there already, and otherwise says that it came, without pulling them away from what they read.
+    if (mine || wasPinned) {
+      scrollToEnd();
+    } else {
+      el.jump.hidden = false;
+    }
     return row;
   }
 
-  function markFailed(row, failed) {
+  // The message's own state, under its bubble: "not sent" with why and a way to send it again, or
+  // that it is being tried again. Shown in place, so nothing pushes it out of view.
+  function markRow(row, failed, note, retry) {
     row.classList.toggle("msg--failed", failed);
-    var flag = row.querySelector(".msg__flag");
-    if (failed && !flag) {
-      row.querySelector(".bubble").appendChild(make("span", "msg__flag", "Not sent"));
-    } else if (!failed && flag) {
-      flag.remove();
+    var old = row.querySelector(".msg__state");
+    if (old) old.remove();
+    if (!failed && !note) return;
+    var box = make("div", "msg__state");
+    if (failed) box.appendChild(make("span", "msg__flag", "Not sent"));
+    if (note) box.appendChild(make("span", "msg__note", note));
+    if (retry) {
+      var button = make("button", "msg__retry", "Send again");
+      button.type = "button";
+      button.addEventListener("click", retryFailed);
+      box.appendChild(button);
     }
+    row.appendChild(box);
+    if (state.pinned) scrollToEnd();
+  }
+
+  function markFailed(row, failed) {
+    markRow(row, failed, null, false);
+  }
+
+  function distanceFromEnd() {
+    return el.scroller.scrollHeight - el.scroller.scrollTop - el.scroller.clientHeight;
   }
 
   function scrollToEnd() {
     el.scroller.scrollTop = el.scroller.scrollHeight;
+    state.pinned = true;
+    el.jump.hidden = true;
   }
 
   function renderSession(data) {
@@ -284,12 +338,15 @@
   // The transcript, what comes next and the turn, from a session answer or a 409's body.
   function renderConversation(data) {
     el.log.replaceChildren();
+    state.pinned = true; // a reload or a resync starts at the newest message
     (Array.isArray(data.messages) ? data.messages : []).forEach(function (m) {
       if (m && typeof m === "object") addMessage(m.from === "participant" ? "participant" : "bot", m.text, m.link);
     });
     state.failed = null;
+    clearTimeout(state.retryTimer);
     setTurn(data.turn);
     setExpects(data.expects, data.redirect);
+    restoreDraft();
     tellParent(data);
   }
 
@@ -349,6 +406,9 @@
     var previous = currentInput();
     state.expects = expects === "email" || expects === "done" ? expects : "message";
     if (state.expects === "done") {
+      // Typed here while another window finished the conversation: keep it in sight, not dropped.
+      if (el.message.value.trim()) keepText(el.message.value);
+      el.message.value = "";
       el.form.hidden = true;
       el.ended.hidden = false;
       hideNotice();
@@ -364,6 +424,7 @@
     if (input !== previous && previous.value && !input.value) {
       input.value = state.expects === "email" ? previous.value.trim() : previous.value;
       previous.value = "";
+      saveDraft();
     }
     el.form.classList.toggle("is-email", state.expects === "email");
     el.message.hidden = state.expects === "email";
@@ -430,19 +491,51 @@
 
   function setBusy(busy) {
     state.busy = busy;
-    el.typing.hidden = !busy;
-    el.typingText.textContent = busy ? state.bot.name + " is typing" : "";
-    el.status.textContent = busy ? state.bot.name + " is typing\u2026" : "";
-    el.log.setAttribute("aria-busy", busy ? "true" : "false");
     updateComposer();
-    if (busy) scrollToEnd();
+  }
+
+  // "... is typing" only while a request is really on its way to the server, never while the page
+  // merely waits to try again (offline, or between retries).
+  function setTyping(typing) {
+    el.typing.hidden = !typing;
+    el.typingText.textContent = typing ? state.bot.name + " is typing" : "";
+    el.status.textContent = typing ? state.bot.name + " is typing\u2026" : "";
+    el.log.setAttribute("aria-busy", typing ? "true" : "false");
+    if (typing && state.pinned) scrollToEnd();
+  }
+
+  // --- drafts: nothing typed is lost to a reload ----------------------------------------------------
+
+  function saveDraft() {
+    tabSet("draft", el.message.value.trim() ? el.message.value : null);
+  }
+
+  function restoreDraft() {
+    var draft = tabGet("draft");
+    if (!draft) return;
+    if (state.expects === "done") {
+      keepText(draft);
+    } else if (state.expects === "message" && !el.message.value) {
+      el.message.value = draft;
+      updateComposer();
+    }
+  }
+
+  // Text that can no longer be sent (the conversation finished in another window) stays on the page,
+  // where the participant can read and copy it.
+  function keepText(text) {
+    el.keptText.textContent = text;
+    el.kept.hidden = false;
+    tabSet("draft", text);
   }
 
   // --- notices ------------------------------------------------------------------------------------
 
-  function showNotice(text, actionLabel, handler) {
+  // `retries`: the action tries the same request again, so the page also does it when back online.
+  function showNotice(text, actionLabel, handler, retries) {
     el.noticeText.textContent = text;
     state.noticeHandler = handler || null;
+    state.noticeRetries = Boolean(handler && retries);
     if (actionLabel && handler) {
       el.noticeAction.textContent = actionLabel;
       el.noticeAction.hidden = false;
@@ -456,6 +549,7 @@
     el.notice.hidden = true;
     el.noticeText.textContent = "";
     state.noticeHandler = null;
+    state.noticeRetries = false;
   }
 
   el.noticeAction.addEventListener("click", function () {
@@ -501,15 +595,33 @@
     return error instanceof ApiError && (error.status === 0 || error.status >= 500);
   }
 
-  // Network errors and 5xx are retried with backoff; the caller makes the request idempotent
-  // (a message keeps its client_message_id, so the server answers a repeat with the stored replies).
+  function offline() {
+    return navigator.onLine === false;
+  }
+
+  // A backoff wait that ends early when the connection comes back.
+  function pause(i) {
+    return new Promise(function (resolve) {
+      var timer = setTimeout(done, RETRY_DELAYS_MS[i] * (0.75 + Math.random() * 0.5));
+      function done() {
+        clearTimeout(timer);
+        window.removeEventListener("online", done);
+        resolve();
+      }
+      window.addEventListener("online", done);
+    });
+  }
+
+  // Network errors and 5xx are retried with backoff (not while offline: the `online` event retries);
+  // the caller makes the request idempotent (a message keeps its client_message_id, so the server
+  // answers a repeat with the stored replies).
   async function withRetry(attempt) {
     for (var i = 0; ; i++) {
       try {
         return await attempt();
       } catch (error) {
-        if (!retryable(error) || i >= RETRY_DELAYS_MS.length) throw error;
-        await sleep(RETRY_DELAYS_MS[i] * (0.75 + Math.random() * 0.5));
+        if (!retryable(error) || i >= RETRY_DELAYS_MS.length || offline()) throw error;
+        await pause(i);
       }
     }
   }
@@ -528,6 +640,7 @@
       state.sessionId = stored;
       try {
         renderSession((await withRetry(function () { return request("GET", sessionPath()); })).data);
+        resumeUnsent();
         focusInput();
         return;
       } catch (error) {
@@ -563,7 +676,10 @@
     el.consentTitle.textContent = typeof info.title === "string" && info.title ? info.title : "Before you start";
     el.consentText.replaceChildren();
     (Array.isArray(info.paragraphs) ? info.paragraphs : []).forEach(function (text) {
-      if (typeof text === "string") el.consentText.appendChild(make("p", null, text));
+      if (typeof text !== "string") return;
+      var paragraph = make("p", null, text);
+      paragraph.dir = "auto"; // a study in Hebrew or Arabic reads right to left
+      el.consentText.appendChild(paragraph);
     });
     el.consentAgree.textContent = typeof info.agree_label === "string" && info.agree_label
       ? info.agree_label : "I agree, start the chat";
@@ -594,7 +710,7 @@
     } catch (error) {
       setConsentBusy(false);
       showNotice("Sorry, the chat could not be started. Please check your internet connection and try again.",
-        "Try again", agree);
+        "Try again", agree, true);
     }
   }
 
@@ -612,7 +728,7 @@
     } catch (error) {
       setConsentBusy(false);
       showNotice("Sorry, that did not go through. Please check your internet connection and try again.",
-        "Try again", decline);
+        "Try again", decline, true);
     }
   }
 
@@ -622,21 +738,27 @@
   function startFailed() {
     el.loading.hidden = true;
     showNotice("Sorry, the chat could not be loaded. Please check your internet connection and try again.",
-      "Try again", start);
+      "Try again", start, true);
   }
 
   // --- sending ------------------------------------------------------------------------------------
 
+  // Text that was not sent goes back into the box (or, once the conversation has ended, stays in sight).
   function restoreText(text) {
+    if (state.expects === "done") {
+      keepText(text);
+      return;
+    }
     var input = currentInput();
     if (!input.value.trim()) input.value = text;
+    if (input === el.message) saveDraft();
     updateComposer();
   }
 
   async function submit() {
     if (state.busy || !state.sessionId || state.expects === "done") return;
     if (state.failed) {
-      showNotice("Your last message has not been sent yet. Please send it again first.", "Try again", retryFailed);
+      retryFailed();
       return;
     }
     var input = currentInput();
@@ -651,6 +773,7 @@
     }
     hideNotice();
     input.value = "";
+    saveDraft();
     // The turn goes with the message: the server refuses it if the conversation has moved on since.
     var pending = { id: newMessageId(), text: text, turn: state.turn, row: addMessage("participant", text) };
     updateComposer();
@@ -659,21 +782,73 @@
 
   function retryFailed() {
     var pending = state.failed;
-    if (!pending) return;
+    if (!pending || state.busy) return;
     state.failed = null;
-    markFailed(pending.row, false);
+    clearTimeout(state.retryTimer);
+    deliver(pending);
+  }
+
+  function participantCount() {
+    return el.log.querySelectorAll(".msg--participant").length;
+  }
+
+  // A message sent but not answered is remembered in this tab until it is, so a reload neither loses it
+  // nor sends it twice: it goes again with the same client_message_id (and turn).
+  function rememberUnsent(pending) {
+    tabSet("unsent", JSON.stringify({ id: pending.id, text: pending.text, turn: pending.turn, before: pending.before }));
+  }
+
+  function resumeUnsent() {
+    var unsent = null;
+    try {
+      unsent = JSON.parse(tabGet("unsent") || "null");
+    } catch (e) { /* unreadable: nothing to resume */ }
+    if (!unsent || typeof unsent.id !== "string" || typeof unsent.text !== "string") return;
+    if (participantCount() !== unsent.before) {
+      tabSet("unsent", null); // the server has it: the transcript just shown includes it
+      return;
+    }
+    if (state.expects !== "message" && state.expects !== "email") {
+      tabSet("unsent", null);
+      keepText(unsent.text);
+      return;
+    }
+    var pending = { id: unsent.id, text: unsent.text, turn: state.turn, before: unsent.before,
+      row: addMessage("participant", unsent.text) };
     deliver(pending);
   }
 
   async function deliver(pending) {
     setBusy(true);
+    if (typeof pending.before !== "number") pending.before = participantCount() - 1;
+    rememberUnsent(pending);
+    markRow(pending.row, false, null, false);
     pending.row.classList.add("msg--sending");
-    try {
-      var body = { text: pending.text, client_message_id: pending.id };
-      if (pending.turn !== null) body.turn = pending.turn;
-      var answer = await withRetry(function () { return request("POST", sessionPath("/messages"), body); });
-      pending.row.classList.remove("msg--sending");
-      setBusy(false);
+    var body = { text: pending.text, client_message_id: pending.id };
+    if (pending.turn !== null) body.turn = pending.turn;
+    var answer = null;
+    var failure = null;
+    for (var i = 0; !answer; i++) {
+      if (offline()) {
+        failure = new ApiError(0, "");
+        break;
+      }
+      setTyping(true);
+      try {
+        answer = await request("POST", sessionPath("/messages"), body);
+      } catch (error) {
+        failure = error;
+      }
+      setTyping(false);
+      if (answer || !retryable(failure) || i >= RETRY_DELAYS_MS.length || offline()) break;
+      markRow(pending.row, false, "Trying again\u2026", false);
+      await pause(i);
+    }
+    pending.row.classList.remove("msg--sending");
+    setBusy(false);
+    if (answer) {
+      tabSet("unsent", null);
+      markRow(pending.row, false, null, false);
       var replies = Array.isArray(answer.data.replies) ? answer.data.replies : [];
       replies.forEach(function (r) {
         if (r && typeof r === "object") addMessage("bot", r.text, r.link);
@@ -682,10 +857,8 @@
       setExpects(answer.data.expects, answer.data.redirect);
       announce();
       tellParent(answer.data);
-    } catch (error) {
-      pending.row.classList.remove("msg--sending");
-      setBusy(false);
-      await handleSendError(error, pending);
+    } else {
+      await handleSendError(failure, pending);
     }
     focusInput();
   }
@@ -694,9 +867,11 @@
     var status = error instanceof ApiError ? error.status : -1;
     if (status === 409) {
       // The conversation moved on elsewhere (another tab, or it has ended): show what the server has.
+      tabSet("unsent", null);
       return reloadTranscript(pending, error.data);
     }
     if (status === 400 || status === 413 || status === 422 || status === 429) {
+      tabSet("unsent", null);
       pending.row.remove();
       restoreText(pending.text);
       var fallback = status === 429
@@ -707,6 +882,7 @@
     }
     if (status === 404) {
       storageSet(null);
+      tabSet("unsent", null);
       markFailed(pending.row, true);
       showNotice("Sorry, this conversation could not be found on the server any more.", "Start again", function () {
         location.reload();
@@ -715,11 +891,19 @@
       updateComposer();
       return;
     }
+    // The network or the server: the message stays where it is, marked, with its own button; it goes
+    // again by itself when the connection comes back, and every little while until then.
     state.failed = pending;
-    markFailed(pending.row, true);
+    var note = offline()
+      ? "You seem to be offline. It will be sent when you are back online."
+      : "The connection failed. It will be tried again in a moment.";
+    markRow(pending.row, true, note, true);
+    el.status.textContent = "Your message was not sent. " + note;
+    clearTimeout(state.retryTimer);
+    state.retryTimer = setTimeout(function () {
+      if (!offline()) retryFailed();
+    }, LATER_RETRY_MS);
     updateComposer();
-    showNotice("Sorry, your message could not be sent. Please check your internet connection and try again.",
-      "Try again", retryFailed);
   }
 
   // The server's messages are short lower-case phrases ("the message is empty"): make them a sentence.
@@ -738,9 +922,10 @@
       } else {
         renderSession((await withRetry(function () { return request("GET", sessionPath()); })).data);
       }
-      // A 409 is never stored (a repeat of a stored message is answered 200), so the text goes back.
+      // A 409 is never stored (a repeat of a stored message is answered 200), so the text goes back
+      // into the box, or stays in sight when the conversation has ended meanwhile.
+      restoreText(pending.text);
       if (state.expects !== "done") {
-        restoreText(pending.text);
         showNotice("This conversation moved on in another window, so it is shown here as it is now. " +
           "Your message was not sent: it is back in the box below.");
       }
@@ -781,7 +966,7 @@
       if (data.turn === state.turn && data.expects === state.expects) return;
       var failed = state.failed;
       renderSession(data);
-      if (failed && state.expects !== "done") restoreText(failed.text);
+      if (failed) restoreText(failed.text); // back in the box, or kept in sight if it has ended
       showNotice("This conversation continued in another window, so it is shown here as it is now.");
     } catch (error) {
       /* offline or gone: the next message finds out and says so */
@@ -821,8 +1006,77 @@
     input.addEventListener("keydown", onKeydown);
   });
 
-  window.addEventListener("resize", function () {
-    if (el.scroller.scrollHeight - el.scroller.scrollTop - el.scroller.clientHeight < 120) scrollToEnd();
+  [el.message].forEach(function (input) {
+    input.addEventListener("input", saveDraft);
+  });
+
+  // --- staying at the newest message ----------------------------------------------------------------
+
+  // Scrolled up to read: stay there. At the end: stay at the end whatever changes size (the on-screen
+  // keyboard, the composer growing, a notice, the typing indicator, a reload's late layout).
+  // Only a move up unpins: a scroll event can also come from a layout change (the composer appearing
+  // under a reloaded transcript), which must not count as the participant scrolling away.
+  var lastScrollTop = 0;
+  el.scroller.addEventListener("scroll", function () {
+    var top = el.scroller.scrollTop;
+    if (distanceFromEnd() <= PINNED_SLACK_PX) {
+      state.pinned = true;
+      el.jump.hidden = true;
+    } else if (top < lastScrollTop - 1) {
+      state.pinned = false;
+    }
+    lastScrollTop = top;
+  }, { passive: true });
+
+  el.jump.addEventListener("click", function () {
+    scrollToEnd();
+  });
+
+  function keepPinned() {
+    if (state.pinned) scrollToEnd();
+  }
+
+  if (typeof ResizeObserver === "function") {
+    var observer = new ResizeObserver(keepPinned);
+    observer.observe(el.scroller);
+    observer.observe(el.log);
+  }
+  window.addEventListener("resize", keepPinned);
+
+  // Where the keyboard only shrinks the visual viewport (iOS Safari; Chrome without the viewport's
+  // interactive-widget=resizes-content), the page takes the visual viewport's height, so the composer
+  // and the newest message sit above the keyboard instead of under it. Not while pinch-zoomed.
+  if (window.visualViewport) {
+    var fitVisualViewport = function () {
+      var vv = window.visualViewport;
+      var zoomed = Math.abs(vv.scale - 1) > 0.01;
+      var root = document.documentElement.style;
+      if (!zoomed && vv.height < window.innerHeight - 1) {
+        root.setProperty("--app-height", Math.round(vv.height) + "px");
+        if (window.scrollY) window.scrollTo(0, 0);
+      } else {
+        root.removeProperty("--app-height");
+      }
+      keepPinned();
+    };
+    window.visualViewport.addEventListener("resize", fitVisualViewport);
+  }
+
+  // Back online: whatever was waiting for the connection goes again, without the participant's help.
+  window.addEventListener("online", function () {
+    if (state.failed) {
+      retryFailed();
+    } else if (state.noticeRetries && state.noticeHandler) {
+      var handler = state.noticeHandler;
+      hideNotice();
+      handler();
+    }
+  });
+
+  window.addEventListener("offline", function () {
+    if (state.failed) {
+      markRow(state.failed.row, true, "You seem to be offline. It will be sent when you are back online.", true);
+    }
   });
 
   start();

@@ -331,11 +331,14 @@ def test_a_message_that_cannot_be_sent_is_marked_and_can_be_retried(live_server:
     page.locator("#message").press("Enter")
     page.wait_for_selector(".msg--failed", timeout=30_000)
     assert len(seen) >= 3 and len(set(seen)) == 1, seen
-    assert page.locator("#notice").is_visible()
+    # Marked where it is, with its own button; Send waits until it has gone.
+    failed = page.locator(".msg--failed")
+    assert "Not sent" in failed.inner_text()
     assert page.locator("#send").is_disabled()
+    assert page.locator("#typing").is_hidden()
 
     page.unroute("**/api/sessions/*/messages")
-    page.locator("#notice-action").click()
+    failed.locator("button.msg__retry").click()
     page.wait_for_function("() => document.querySelectorAll('.msg--bot').length > 1")
     assert page.locator(".msg--failed").count() == 0
     assert [m["client_message_id"] for m in read_db(server.database)["messages"] if m["sender"] == "participant"] == seen[:1]
