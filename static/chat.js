@@ -264,6 +264,7 @@
 
   function addMessage(from, text, link) {
     var mine = from === "participant";
+    notePosition();
     var wasPinned = state.pinned;
     var row = make("div", "msg " + (mine ? "msg--participant" : "msg--bot"));
     if (!mine) row.appendChild(avatar());
@@ -314,12 +315,28 @@
     markRow(row, failed, null, false);
   }
 
+  // Only a move up unpins: a scroll event can also come from a layout change (the composer appearing
+  // under a reloaded transcript), which must not count as the participant scrolling away. Also called
+  // before a message is added, in case its scroll event has not been dispatched yet.
+  var lastScrollTop = 0;
+  function notePosition() {
+    var top = el.scroller.scrollTop;
+    if (distanceFromEnd() <= PINNED_SLACK_PX) {
+      state.pinned = true;
+      el.jump.hidden = true;
+    } else if (top < lastScrollTop - 1) {
+      state.pinned = false;
+    }
+    lastScrollTop = top;
+  }
+
   function distanceFromEnd() {
     return el.scroller.scrollHeight - el.scroller.scrollTop - el.scroller.clientHeight;
   }
 
   function scrollToEnd() {
     el.scroller.scrollTop = el.scroller.scrollHeight;
+    lastScrollTop = el.scroller.scrollTop;
     state.pinned = true;
     el.jump.hidden = true;
   }
@@ -1014,19 +1031,7 @@
 
   // Scrolled up to read: stay there. At the end: stay at the end whatever changes size (the on-screen
   // keyboard, the composer growing, a notice, the typing indicator, a reload's late layout).
-  // Only a move up unpins: a scroll event can also come from a layout change (the composer appearing
-  // under a reloaded transcript), which must not count as the participant scrolling away.
-  var lastScrollTop = 0;
-  el.scroller.addEventListener("scroll", function () {
-    var top = el.scroller.scrollTop;
-    if (distanceFromEnd() <= PINNED_SLACK_PX) {
-      state.pinned = true;
-      el.jump.hidden = true;
-    } else if (top < lastScrollTop - 1) {
-      state.pinned = false;
-    }
-    lastScrollTop = top;
-  }, { passive: true });
+  el.scroller.addEventListener("scroll", notePosition, { passive: true });
 
   el.jump.addEventListener("click", function () {
     scrollToEnd();

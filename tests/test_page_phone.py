@@ -213,8 +213,9 @@ def test_a_reply_does_not_pull_a_reader_away_but_says_it_came(live_server: Calla
     page.locator("#message").press("Enter")
     page.wait_for_function("() => !document.getElementById('typing').hidden")
     assert page.evaluate(HIDDEN_PX) == 0, "the participant's own message is brought into view"
-    page.evaluate("document.getElementById('scroller').scrollTop = 0")  # scrolls up to read
-    page.wait_for_function("() => document.getElementById('scroller').scrollTop === 0")
+    # Scrolls up to read (and the page has heard the scroll event before the reply is let through).
+    page.evaluate("""() => new Promise(done => { const s = document.getElementById('scroller');
+      s.addEventListener('scroll', () => requestAnimationFrame(done), {once: true}); s.scrollTop = 0; })""")
     while not held:
         page.wait_for_timeout(20)
     held[0].continue_()
