@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -85,13 +86,14 @@ class LiveServer:
         return self.log.read_text(errors="replace")
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90,
+                 verify: ssl.SSLContext | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            if httpx.get(url + "healthz", timeout=2).status_code == 200:
+            if httpx.get(url + "healthz", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -107,7 +109,8 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 
     def start(workers: int = 2, config: Path | None = None, extra: list[str] | None = None,
               env: dict[str, str] | None = None, command: list[str] | None = None, database: Path | None = None,
-              cwd: Path | None = None, pass_database: bool = True) -> LiveServer:
+              cwd: Path | None = None, pass_database: bool = True,
+              verify: ssl.SSLContext | bool = True) -> LiveServer:
         port = free_port()
         database = database or (cwd or tmp_path) / "combot.db"
         log = tmp_path / f"server-{port}.log"
@@ -122,9 +125,10 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
         with log.open("wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=environment,
                                        cwd=str(cwd or tmp_path))
-        server = LiveServer(f"http://127.0.0.1:{port}/", database, process, log)
+        scheme = "https" if "--certfile" in (extra or []) else "http"
+        server = LiveServer(f"{scheme}://127.0.0.1:{port}/", database, process, log)
         started.append(server)
-        wait_healthy(server.url, process, log)
+        wait_healthy(server.url, process, log, verify=verify)
         return server
 
     yield start

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -252,3 +254,43 @@ def test_a_full_disk_at_start_is_one_line(small_mount: Callable[..., Path], tmp_
     assert result.stderr.startswith(f"Error: the disk holding {disk / 'combot.db'} is full (")
     assert result.stderr.endswith("free): free some space first; serve needs room for new messages and the"
                                   " write-ahead log\n")
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by the openssl command line."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing and CI is set: install Debian's openssl package")
+        pytest.skip("openssl is not installed")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_https_by_hypercorn_itself(live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    server = live_server(workers=2, extra=["--certfile", str(cert), "--keyfile", str(key)], verify=trust,
+                         env={**os.environ, "COMBOT_ADMIN_TOKEN": "tls-test-token-0123456789"})
+    assert server.url.startswith("https://127.0.0.1:")
+    assert "participants open: https://127.0.0.1:" in server.output()
+    with httpx.Client(timeout=30, verify=trust) as client:
+        seen = walk_conversation(client, server.url)
+        assert seen["final"]["expects"] == "done"
+        login = client.post(server.url + "admin/login", data={"token": "tls-test-token-0123456789"},
+                            follow_redirects=False)
+        assert login.status_code == 303 and "; secure" in login.headers["set-cookie"].lower()
+    with httpx.Client(timeout=30, verify=trust, http2=False) as client:
+        assert client.get(server.url + "healthz").http_version == "HTTP/1.1"
+    # Plain HTTP on the TLS port is refused rather than served.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url.replace("https://", "http://") + "healthz", timeout=5)
+
+
+def test_half_a_certificate_is_refused(tmp_path: Path) -> None:
+    cert, _ = self_signed(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "combot", "serve", "--certfile", str(cert), "--port", str(free_port()),
+                           "--database", str(tmp_path / "x.db")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--certfile and --keyfile" in done.stderr
