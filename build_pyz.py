@@ -6,7 +6,8 @@
 The archive holds the combot package, static/, model/, the default combot.toml and every run-time
 dependency, made with shiv (https://shiv.readthedocs.io): native libraries (onnxruntime, tokenizers,
 numpy) are unpacked once into ~/.shiv on first start (SHIV_ROOT moves it). Only run-time
-dependencies go in: nothing for tests, building or torch. Needs only Python and pip.
+dependencies go in: nothing for tests, building or torch. Needs only Python and pip (22.3 or later);
+pip resolves in an empty environment of its own, whatever the builder's interpreter has installed.
 """
 
 from __future__ import annotations
@@ -31,8 +32,22 @@ BUNDLED = ["static", "model", "combot.toml", "LICENSE"]
 SHIV = "shiv==1.0.8"
 
 
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", *args], check=True)
+def resolver(folder: Path) -> Path:
+    """An empty environment for pip to resolve in: with `--target`, pip still checks what it installs
+    against the packages of the interpreter it runs for, so the builder's own site-packages (a
+    project's venv, a conda base) would make it print resolver ERROR lines about packages that never
+    go into the archive."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    return folder / "bin" / "python"
+
+
+def pip(python: Path, *args: str) -> None:
+    # This pip, run for the empty interpreter (`pip --python`, pip 22.3+); nothing from the
+    # environment's PYTHONPATH or user site leaks in.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE")}
+    env["PYTHONNOUSERSITE"] = "1"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check", "install",
+                    "--quiet", *args], check=True, env=env)
 
 
 def expand_platforms(platform: str | None) -> list[str]:
@@ -73,8 +88,9 @@ def build(output: Path, platform: str | None = None, python_version: str | None 
         site = Path(tmp) / "site-packages"
         tools = Path(tmp) / "tools"
         extra = target_args(platform, python_version)
-        pip("--target", str(site), "--no-compile", *extra, *RUNTIME)
-        pip("--target", str(site), "--no-compile", "--no-deps", *extra, *NO_DEPS)
+        python = resolver(Path(tmp) / "resolver")
+        pip(python, "--target", str(site), "--no-compile", *extra, *RUNTIME)
+        pip(python, "--target", str(site), "--no-compile", "--no-deps", *extra, *NO_DEPS)
         # The package itself, with its data inside it, so it is found wherever shiv unpacks it.
         shutil.copytree(ROOT / "combot", site / "combot", ignore=shutil.ignore_patterns("__pycache__", "_bundled"))
         bundled = site / "combot" / "_bundled"
@@ -91,7 +107,7 @@ def build(output: Path, platform: str | None = None, python_version: str | None 
         for cache in site.rglob("__pycache__"):
             shutil.rmtree(cache, ignore_errors=True)
         # shiv runs from its own temporary install: the build needs nothing but pip.
-        pip("--target", str(tools), SHIV)
+        pip(python, "--target", str(tools), SHIV)
         output.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(tools)}
         subprocess.run([sys.executable, "-m", "shiv", "--site-packages", str(site), "--entry-point", "combot.cli:main",

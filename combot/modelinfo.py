@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from combot import resources
 from combot.settings import Settings
 
 ENCODER_FILE = "encoder.int8.onnx"
@@ -26,13 +27,7 @@ _digests: dict[tuple[str, int, int], str] = {}
 
 def default_model_dir() -> Path:
     """Where the shipped model lives: $COMBOT_MODEL_DIR, the .pyz bundle, or the source checkout."""
-    env = os.environ.get("COMBOT_MODEL_DIR")
-    if env:
-        return Path(env)
-    bundled = Path(__file__).resolve().parent / "_bundled" / "model"
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parent.parent / "model"
+    return resources.model_dir()
 
 
 def file_sha256(path: Path) -> str:

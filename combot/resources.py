@@ -1,4 +1,5 @@
-"""Where the files that ship with Combot live: a source checkout, or the unpacked .pyz."""
+"""Where the files that ship with Combot live: inside the package (an installed wheel, the unpacked
+.pyz), or at the top of a source checkout."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
-# build_pyz.py copies static/, model/ and combot.toml into combot/_bundled/ inside the archive.
+# The wheel (pyproject's package data) and build_pyz.py put static/, model/ and combot.toml into
+# combot/_bundled/; a checkout (or an editable install) has them beside the package.
 _BUNDLED = _PACKAGE / "_bundled"
 _CHECKOUT = _PACKAGE.parent
 
@@ -22,6 +24,11 @@ def static_dir() -> Path:
 
 def default_study_path() -> Path:
     return _find("combot.toml")
+
+
+def model_dir() -> Path:
+    """The shipped classifier: $COMBOT_MODEL_DIR, else the bundled or checked-out model/."""
+    return Path(os.environ["COMBOT_MODEL_DIR"]) if os.environ.get("COMBOT_MODEL_DIR") else _find("model")
 
 
 # What a [[presentation]] logo may be, and how large.

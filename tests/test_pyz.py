@@ -91,3 +91,30 @@ def test_pyz_runs_every_command(pyz: Path, tmp_path: Path) -> None:
     assert "8 cells" in run("check").stdout
     classified = run("classify", "--json", "The courier lost my parcel and tracking has not moved in a week.")
     assert classified.returncode == 0 and '"B"' in classified.stdout
+
+
+def test_the_builders_own_packages_never_make_pip_complain(tmp_path: Path) -> None:
+    """A builder whose environment holds a package at odds with Combot's dependencies (here one that
+    wants click<1) gets no resolver ERROR: build_pyz resolves in an empty environment."""
+    builder = tmp_path / "builder"
+    subprocess.run([sys.executable, "-m", "venv", str(builder)], check=True, timeout=300)
+    python = builder / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    meta = site / "conflicting-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: conflicting\nVersion: 1.0\nRequires-Dist: click<1\n")
+    (meta / "RECORD").write_text("conflicting-1.0.dist-info/METADATA,,\n")
+
+    # The way build_pyz used to run pip shows what this test catches.
+    plain = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--target", str(tmp_path / "plain"),
+                            "click>=8.1"], capture_output=True, text=True, timeout=300)
+    assert "ERROR: pip's dependency resolver" in plain.stderr
+
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import build_pyz; from pathlib import Path;"
+              f"build_pyz.pip(build_pyz.resolver(Path({str(tmp_path / 'resolver')!r})), '--target',"
+              f" {str(tmp_path / 'isolated')!r}, 'click>=8.1')")
+    isolated = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=300)
+    assert isolated.returncode == 0, isolated.stderr
+    assert "ERROR" not in isolated.stderr, isolated.stderr
+    assert (tmp_path / "isolated" / "click").is_dir()
