@@ -19,7 +19,7 @@ from combot.assignment import choose_cell
 from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
 from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
-from combot.replies import bot_messages, start_early
+from combot.replies import bot_messages, delays_ms, hold, hold_repeat, start_early, timed
 from combot.resources import static_dir
 from combot.study import Study
 from combot.worker import Resources, limit_starts, resources
@@ -159,6 +159,7 @@ async def post_message(request: Request) -> Response:
     if client_id is not None:
         earlier = await res.store.read(store.replies_to, participant["id"], client_id)
         if earlier is not None:
+            await hold_repeat(earlier.replies)
             return _turn_response(study, earlier, values, participant)
     if not res.limiter.allow(participant["id"]):
         raise TooManyRequests("you are sending messages too quickly; please wait a moment")
@@ -183,7 +184,8 @@ async def post_message(request: Request) -> Response:
                                              else {})
         step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values,
                               described=described)
-        replies = await bot_messages(res, participant, factors, step, started, early)
+        replies = await timed(res, factors, await bot_messages(res, participant, factors, step, started, early),
+                              started)
     finally:
         if early is not None:
             early.cancel()  # not used (another prompt was needed) or the request failed: nobody waits for it
@@ -211,13 +213,17 @@ async def post_message(request: Request) -> Response:
         # this conversation has left behind, so it is not stored.
         now = await res.store.read(store.participant_by_token, token)
         return await _stale(res, now, "this conversation has moved on in another window; here it is as it is now")
+    # Stored first (nothing is lost if this worker dies now), then held until the reply is due.
+    await hold(started, stored.replies)
     return _turn_response(study, stored, values, participant)
 
 
 def _turn_response(study: Study, stored: store.StoredTurn, values: Mapping[str, str], participant: Any) -> Response:
     # What comes next is what the engine decided for this turn, stored with it.
     expects = stored.message["expects"]
-    body: dict[str, Any] = {"replies": [_stored_reply(row, study, values) for row in stored.replies],
+    replies = [{**_stored_reply(row, study, values), "delay_ms": delay}
+               for row, delay in zip(stored.replies, delays_ms(stored.replies))]
+    body: dict[str, Any] = {"replies": replies,
                             "expects": expects, "turn": stored.next_turn}
     redirect = recruitment.completion_redirect(study, values) if expects == "done" else None
     if redirect is not None:

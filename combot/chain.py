@@ -41,7 +41,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                     "synthetic"),
     "status": ("participant_id", "at", "status", "problem_type", "scores", "finished_at", "described_experience"),
     "message": ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
-                "latency_ms", "fallback_reason", "timestamp", "stage", "expects", "scores"),
+                "latency_ms", "fallback_reason", "timestamp", "stage", "expects", "scores", "compute_ms", "shown_ms"),
 }
 # The fields whose change makes a new status link.
 STATUS_FIELDS = ("status", "problem_type", "scores", "finished_at", "described_experience")

@@ -70,7 +70,7 @@ def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | No
 @_config_option
 @_setting_options("server", ("host", "port", "workers", "database", "request_timeout", "graceful_timeout",
                              "max_requests", "access_log", "trusted_hosts", "certfile", "keyfile",
-                             "forwarded_allow_ips"))
+                             "forwarded_allow_ips", "reply_timing"))
 def serve(config_path: str | None, **flags: Any) -> None:
     """Serve the study: a multi-process web server for participants (HTTPS with --certfile and --keyfile)."""
     from combot import server
@@ -282,10 +282,13 @@ def llm_check(config_path: str | None, text: str, **flags: Any) -> None:
 @click.option("--duration", default=0.0, help="Keep participants cycling through the study for this many seconds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the whole report to this file.")
 @click.option("--seed", default=1, show_default=True, help="Seed for the simulated participants' choices.")
+@click.option("--timing", type=click.Choice(["none", "study", "matched", "typing"]), default="none",
+              show_default=True, help="Reply timing of the server it starts: 'none' measures compute time alone;"
+              " 'study' follows the study's [[timing]] blocks; 'matched' or 'typing' sets that mode everywhere.")
 @_config_option
 def bench(users: str, url: str | None, admin_token: str, workers: int, think_time: float, mode: str,
           llm_latency: float, no_llm: bool, duration: float, json_path: str | None, seed: int,
-          config_path: str | None) -> None:
+          timing: str, config_path: str | None) -> None:
     """Load-test the study with simulated participants and report reply times, memory and data checks."""
     from combot import bench as bench_module
 
@@ -305,7 +308,7 @@ def bench(users: str, url: str | None, admin_token: str, workers: int, think_tim
     options = bench_module.BenchOptions(
         users=levels, url=url, workers=workers, think_time=think_time, mode=mode, llm_latency=llm_latency,
         use_llm=not no_llm, duration=duration, config_path=config_path, seed=seed, progress=sys.stderr.isatty(),
-        admin_token=admin_token.strip())
+        admin_token=admin_token.strip(), timing=timing)
     try:
         report = bench_module.run_bench(options, say=lambda line: click.echo(line, err=True))
     except RuntimeError as error:

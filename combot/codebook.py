@@ -162,9 +162,23 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         ("text", "text", "exactly what was shown or sent (newlines kept; see Spreadsheets below)"),
         ("produced_by", "text", "how the text was made; see below"),
         ("model", "text", "the language model's name when `produced_by` is `llm`"),
-        ("latency_ms", "integer", "milliseconds from receiving the participant's message to the reply being ready"
-                                  " (the same for every bot message of one turn); empty for the greeting and for"
-                                  " participant messages"),
+        ("latency_ms", "integer", "how long this reply's text took: for `produced_by` = `llm` the language"
+                                  " model's call alone; otherwise milliseconds from receiving the participant's"
+                                  " message until this text was ready (a fallback's includes the wait for the"
+                                  " model); empty for the greeting and for participant messages"),
+        ("compute_ms", "integer", "milliseconds from receiving the participant's message until every bot reply of"
+                                  " the turn was ready to store (classifier, language model or its fallback"
+                                  " included): the same for every bot message of one turn. Empty for the greeting,"
+                                  " for participant messages and for turns stored before Combot recorded it"),
+        ("shown_ms", "integer", "milliseconds from receiving the participant's message until this reply was due on"
+                                " the participant's screen, as the cell's reply timing designed it (see Reply"
+                                " timing below): the turn's first reply at the later of `compute_ms` and its"
+                                " designed delay, each further reply of the turn its own typing delay after the one"
+                                " before. Decided before the turn is stored and never updated: the server stores"
+                                " every message before it answers, then holds the answer until the first reply is"
+                                " due; when the commit itself ends later (always in mode `none`, by the commit's"
+                                " few milliseconds) the reply leaves that much later than `shown_ms`. Network time"
+                                " to the participant's browser is not included. Empty where `compute_ms` is"),
         ("fallback_reason", "text", "why a scripted or template text stood in for a language model (e.g. a"
                                     " timeout); empty otherwise"),
         ("timestamp", "timestamp", "when the message was stored"),
@@ -175,9 +189,17 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
     for label, column in layout.message_scores.items():
         messages.append((column, "number 0-1", f"for each opening message: the classifier's score for `{label}`"
                                                " (every attempt's scores, not only the deciding one's)"))
+    timing_lines = [f"- cell {study.cell_number(cell)} `{study.cell_label(cell)}`: {study.timing(cell).describe()}"
+                    for cell in study.cells()]
     out += [f"## messages.{ext}\n", "One row per message, ordered by participant and then as stored.\n",
             _table(messages), "### Kinds\n", "\n".join(kind_lines) + "\n", "### produced_by\n",
-            "\n".join(produced_lines) + "\n"]
+            "\n".join(produced_lines) + "\n", "### Reply timing\n",
+            "When each cell's replies were shown, as designed in the study's `[[timing]]` blocks at export time:"
+            " `matched` holds a reply the language model did not write for a delay drawn from the study's"
+            " latest (up to 200) `compute_ms` of replies it did write, so every cell's reply times share one"
+            " distribution; `typing` waits a delay that grows with the reply's length; `none` shows replies when"
+            " computed. A reply that took longer to compute than its delay is shown when ready.\n",
+            "\n".join(timing_lines) + "\n"]
 
     if anonymise:
         out += ["## personal data\n", "Left out of this export (--anonymise): no e-mail addresses, platform ids, URL"

@@ -77,7 +77,7 @@ PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "d
                      "status", "consent", "started_at", "finished_at", "last_active_at", "seconds_spent", "turns",
                      "assignment", "study_version")
 MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
-                   "latency_ms", "fallback_reason", "timestamp", "experience_score")
+                   "latency_ms", "compute_ms", "shown_ms", "fallback_reason", "timestamp", "experience_score")
 PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 
 
@@ -150,12 +150,14 @@ def message_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str,
     # (participant_id, id) is indexed, so this streams in order without a sort.
     where = "" if layout.include_synthetic else " WHERE participant_id IN (SELECT id FROM participants WHERE synthetic = 0)"
     for row in conn.execute(
-            "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, fallback_reason,"
+            "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, compute_ms, shown_ms,"
+            " fallback_reason,"
             f" created_at, scores FROM messages{where} ORDER BY participant_id, id"):
         scores = json.loads(row["scores"]) if row["scores"] else {}
         out = {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
                "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
-               "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
+               "model": row["model"], "latency_ms": row["latency_ms"], "compute_ms": row["compute_ms"],
+               "shown_ms": row["shown_ms"], "fallback_reason": row["fallback_reason"],
                "timestamp": row["created_at"], "experience_score": scores.get("experience")}
         for label, column in layout.message_scores.items():
             out[column] = scores.get(label)

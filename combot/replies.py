@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
 
 from combot import engine, store
 from combot.llm import Fallback, LLMReply
+from combot.timing import MAX_SECONDS, Outgoing, plan
 from combot.worker import Resources
 
 
@@ -99,3 +102,45 @@ async def bot_messages(res: Resources, participant: Any, factors: Mapping[str, s
 
     made = iter(await asyncio.gather(*(written(r, i) for i, r in enumerate(wanted))))
     return [next(made) if r.llm_task else offline(r) for r in step.replies]
+
+
+async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[store.NewMessage],
+                started: float) -> list[store.NewMessage]:
+    """The replies with `compute_ms` (now) and `shown_ms` (when each is due), by the cell's timing."""
+    compute_ms = int((time.perf_counter() - started) * 1000)
+    timing = res.study.timing(factors)
+    sample: Sequence[int] = ()
+    if timing.mode == "matched" and res.latencies is not None:
+        sample = await res.latencies.get()
+    shown = plan(timing, [Outgoing(r.text, r.produced_by == "llm") for r in replies], compute_ms, sample,
+                 random.Random())
+    return [replace(r, compute_ms=compute_ms, shown_ms=due) for r, due in zip(replies, shown)]
+
+
+async def hold(started: float, replies: Sequence[Any]) -> None:
+    """Wait (an idle coroutine, no thread) until the turn's first reply is due: `started` plus its
+    `shown_ms`. The later replies of the turn are paced by the client from their `delay_ms`."""
+    due = replies[0]["shown_ms"] if replies else None
+    if due is not None:
+        wait = started + min(due / 1000, MAX_SECONDS) - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+async def hold_repeat(replies: Sequence[Any]) -> None:
+    """A repeated request (the page retried after losing the answer) is answered no earlier than the
+    first one was due: the stored turn's time plus what was left of its hold."""
+    if not replies or replies[0]["shown_ms"] is None or replies[0]["compute_ms"] is None:
+        return
+    stored_at = datetime.fromisoformat(str(replies[0]["created_at"]).replace("Z", "+00:00"))
+    left = (replies[0]["shown_ms"] - replies[0]["compute_ms"]) / 1000
+    wait = (stored_at - datetime.now(timezone.utc)).total_seconds() + min(left, MAX_SECONDS)
+    if wait > 0:
+        await asyncio.sleep(wait)
+
+
+def delays_ms(replies: Sequence[Any]) -> list[int]:
+    """Each reply's `delay_ms` for the client: milliseconds after the turn's first reply is shown."""
+    first = replies[0]["shown_ms"] if replies else None
+    return [max(0, row["shown_ms"] - first) if first is not None and row["shown_ms"] is not None else 0
+            for row in replies]

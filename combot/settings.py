@@ -120,6 +120,10 @@ def _optional_file(value: str) -> str:
     return f"names a file that does not exist: {value}" if value and not os.path.isfile(value) else ""
 
 
+# What [server] reply_timing may say (combot/timing.py has the modes).
+REPLY_TIMINGS = ("study", "matched", "typing", "none")
+
+
 OPTIONS: tuple[Option, ...] = (
     # [server]
     Option("server", "host", "0.0.0.0", "Address to listen on (0.0.0.0: every interface)."),
@@ -134,6 +138,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "max_message_chars", 2000, "Longest participant message, in characters.", int),
     Option("server", "max_body_bytes", 16384, "Largest request body, in bytes.", int),
     Option("server", "rate_limit", 20, "Messages a participant may send per minute (0: no limit).", int),
+    Option("server", "reply_timing", "study", "Reply timing: 'study' follows the study's [[timing]] blocks;"
+           " 'none', 'typing' or 'matched' sets that mode for every cell (`combot bench` uses 'none').", str,
+           validate=lambda value: "" if value in REPLY_TIMINGS else f"must be one of {', '.join(REPLY_TIMINGS)}"),
     Option("server", "admin_token", "", "Researcher token for /admin (default: generated and stored beside the database)."),
     Option("server", "certfile", "", "TLS certificate chain (PEM): serve HTTPS itself ('': plain HTTP, e.g. behind"
            " a proxy that does TLS).", str, validate=_optional_file),

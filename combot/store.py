@@ -149,7 +149,14 @@ def _v5(db: sqlite_utils.Database) -> None:
     ])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5)
+def _v6(db: sqlite_utils.Database) -> None:
+    """Reply timing (issue 14): on each bot reply to a participant message, `compute_ms` (until every
+    reply of the turn was ready) and `shown_ms` (until this reply was due on the participant's screen)."""
+    db["messages"].add_column("compute_ms", int)
+    db["messages"].add_column("shown_ms", int)
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 SCHEMA_VERSION = len(MIGRATIONS)
 CHAIN_SCHEMA = MIGRATIONS.index(_v5) + 1  # the first schema version with hash chains
 
@@ -297,6 +304,9 @@ class NewMessage:
     stage: str | None = None
     expects: str | None = None
     scores: Mapping[str, float] | None = None
+    # On a bot reply to a participant message: see _v4 and the codebook.
+    compute_ms: int | None = None
+    shown_ms: int | None = None
 
 
 def create_participant(
@@ -494,6 +504,16 @@ def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id:
                                          (sent["id"],)).fetchall())
 
 
+def recent_llm_reply_ms(conn: sqlite3.Connection, limit: int = 200, scan: int = 20_000) -> list[int]:
+    """Compute times of the latest `limit` LLM-written replies among the last `scan` messages: the
+    sample "matched" reply timing draws from. A range scan of the primary key, so it stays cheap
+    however large the study grows."""
+    return [int(row[0]) for row in conn.execute(
+        "SELECT coalesce(compute_ms, latency_ms) FROM messages WHERE id > (SELECT coalesce(max(id), 0) FROM messages)"
+        " - ? AND produced_by = 'llm' AND coalesce(compute_ms, latency_ms) IS NOT NULL ORDER BY id DESC LIMIT ?",
+        (scan, limit))]
+
+
 def llm_reply_count(conn: sqlite3.Connection, participant_id: str) -> int:
     """How many of the bot's replies to this participant an LLM wrote (for the per-participant cap)."""
     return int(conn.execute("SELECT count(*) FROM messages WHERE participant_id = ? AND produced_by = 'llm'",
@@ -570,15 +590,16 @@ def _insert_messages(conn: sqlite3.Connection, links: _Chain, turn: int, message
                   "kind": message.kind, "text": message.text, "produced_by": message.produced_by,
                   "model": message.model, "latency_ms": message.latency_ms,
                   "fallback_reason": message.fallback_reason, "timestamp": stamp, "stage": message.stage,
-                  "expects": message.expects, "scores": chain.scores_text(message.scores)}
+                  "expects": message.expects, "scores": chain.scores_text(message.scores),
+                  "compute_ms": message.compute_ms, "shown_ms": message.shown_ms}
         seq, digest = links.add("message", values)
         conn.execute(
             "INSERT INTO messages (id, participant_id, turn, sender, kind, text, produced_by, model, latency_ms,"
-            " fallback_reason, client_message_id, reply_to, created_at, stage, expects, scores, seq, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " fallback_reason, client_message_id, reply_to, created_at, stage, expects, scores, seq, hash, compute_ms,"
+            " shown_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (last, links.participant_id, turn, message.sender, message.kind, message.text, message.produced_by,
              message.model, message.latency_ms, message.fallback_reason, message.client_message_id, reply_to, stamp,
-             message.stage, message.expects, scores, seq, digest),
+             message.stage, message.expects, scores, seq, digest, message.compute_ms, message.shown_ms),
         )
     return last
 
@@ -600,7 +621,14 @@ def message_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
             "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
             "model": row["model"], "latency_ms": row["latency_ms"], "fallback_reason": row["fallback_reason"],
             "timestamp": row["created_at"], "stage": row["stage"], "expects": row["expects"],
-            "scores": chain.scores_text(json.loads(row["scores"]) if row["scores"] else None)}
+            "scores": chain.scores_text(json.loads(row["scores"]) if row["scores"] else None),
+            # Added by a later migration than the chains' own backfill, which reads rows without them.
+            "compute_ms": _column(row, "compute_ms"), "shown_ms": _column(row, "shown_ms")}
+
+
+def _column(row: Mapping[str, Any], name: str) -> Any:
+    keys = row.keys() if isinstance(row, sqlite3.Row) else row
+    return row[name] if name in keys else None
 
 
 class _Chain:

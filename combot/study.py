@@ -19,6 +19,7 @@ from combot.errors import ConfigError, ConfigErrors
 from combot.modelinfo import ENCODER_FILE, TOKENIZER_FILE, head_labels, model_paths
 from combot.resources import logo_problem
 from combot.settings import OPTIONS, SECTIONS, Settings, option, resolve, resolve_checked
+from combot.timing import MAX_SECONDS, MODES, Timing
 
 Cell = Mapping[str, str]
 
@@ -38,6 +39,8 @@ BLOCK_KINDS: dict[str, dict[str, Any]] = {
     "email_retry": {"keys": _TEXT, "required": {"text"}, "problem": False},
     "thanks": {"keys": _TEXT, "required": {"text"}, "problem": False},
     "llm_prompt": {"keys": {"task": str, "system": str}, "required": {"task", "system"}, "problem": True},
+    "timing": {"keys": {"mode": str, "base": float, "chars_per_second": float, "jitter": float, "min": float,
+                        "max": float}, "required": set(), "problem": False},
 }
 FOLLOWUP_MODES = ("questions", "paraphrase")
 # What an LLM may be asked to do (Reply.llm_task in the engine); each has its own [[llm_prompt]] blocks.
@@ -149,6 +152,17 @@ class Study:
         found = self.block("followups", cell)
         return str(found.values["mode"]) if found else "paraphrase"
 
+    def timing(self, cell: Cell) -> Timing:
+        """The cell's reply timing: its most specific [[timing]] block, unless `[server] reply_timing`
+        sets one mode for every cell (`combot bench` uses "none"). Without a block: "matched" when an
+        LLM is configured, else "none"."""
+        default_mode = "matched" if str(self.settings["llm.base_url"]).strip() else "none"
+        found = self.block("timing", cell)
+        timing = Timing.from_values(found.values if found else {}, default_mode)
+        override = self.settings["server.reply_timing"]
+        return timing if override == "study" else Timing.from_values({**(found.values if found else {}),
+                                                                      "mode": override}, default_mode)
+
     def presentation(self, cell: Cell) -> dict[str, str]:
         found = self.block("presentation", cell)
         assert found is not None
@@ -221,6 +235,8 @@ class _Checker:
 
     def typed(self, value: Any, kind: type, *key: Any) -> Any:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
         if not ok:
             names = {str: "a string", int: "a whole number", list: "a list", dict: "a table", float: "a number"}
             raise self.fail(f"must be {names.get(kind, kind.__name__)}, not {type(value).__name__}", *key)
@@ -485,6 +501,8 @@ def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factor
             raise check.fail(f"task must be one of {', '.join(LLM_TASKS)}", *key, "task")
         if not values["system"].strip():
             raise check.fail("must not be empty", *key, "system")
+    if kind == "timing":
+        _check_timing(values, check, *key)
     # Placeholders: only paraphrase templates fill one ({reflection}); anywhere else a {NAME} would
     # reach participants as it is written.
     allowed = TEXT_PLACEHOLDERS.get(kind, set())
@@ -495,6 +513,21 @@ def _block(kind: str, spec: Mapping[str, Any], entry: Any, position: int, factor
         if name in values and kind not in ("empathy",) and not values[name].strip():
             raise check.fail("must not be empty", *key, name)
     return Block(kind, dict(when), values, check.line(*key))
+
+
+def _check_timing(values: Mapping[str, Any], check: _Checker, *key: Any) -> None:
+    if "mode" in values and values["mode"] not in MODES:
+        raise check.fail(f"mode must be one of {', '.join(MODES)}", *key, "mode")
+    timing = Timing.from_values(values, "none")
+    limits = {"base": (0.0, MAX_SECONDS), "chars_per_second": (0.1, 10_000.0), "jitter": (0.0, 0.9),
+              "min": (0.0, MAX_SECONDS), "max": (0.0, MAX_SECONDS)}
+    for name, (low, high) in limits.items():
+        value = getattr(timing, name)
+        if not low <= value <= high:
+            raise check.fail(f"must be between {low:g} and {high:g}", *key, name if name in values else "max")
+    if timing.min > timing.max:
+        raise check.fail(f"min ({timing.min:g} s) is more than max ({timing.max:g} s)", *key,
+                         "min" if "min" in values else "max")
 
 
 def _check_placeholders(text: str, allowed: set[str], check: _Checker, *key: Any) -> None:

@@ -31,6 +31,7 @@ from combot.proxy import TrustedProxies
 from combot.ratelimit import RateLimiter
 from combot.server import notify_ready
 from combot.study import Study, load_study
+from combot.timing import RecentLatencies
 from combot.worker import Resources, load_classifier
 
 log = logging.getLogger("combot")
@@ -97,7 +98,8 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
                                         RateLimiter(study.settings["server.rate_limit"], 60.0),
                                         assets=assets.Assets.for_study(study),
                                         llm=create_llm(study.settings, database=db_path),
-                                        starts=RateLimiter(starts, 60.0) if starts > 0 else None)
+                                        starts=RateLimiter(starts, 60.0) if starts > 0 else None,
+                                        latencies=RecentLatencies(lambda: handle.read(store.recent_llm_reply_ms)))
         app.state.admin_token = admin.ensure_token(study.settings, db_path)
         notify_ready()
         heartbeat = monitor.Heartbeat(handle)

@@ -17,6 +17,7 @@ from combot.proxy import client_address
 from combot.ratelimit import RateLimiter
 from combot.sharedmodel import cache_dir
 from combot.study import Study
+from combot.timing import RecentLatencies
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Resources:
     llm: ChatModel | None = None  # None: no LLM configured, the offline paraphraser answers
     # New sessions and declines per address ([server] session_rate_limit); None: no limit.
     starts: RateLimiter | None = None
+    # The study's recent LLM reply times, for "matched" reply timing (None: not needed).
+    latencies: RecentLatencies | None = None
 
 
 def resources(request: Request) -> Resources:

@@ -39,7 +39,8 @@ def fake_llm() -> Iterator[dict[str, str]]:
     """The environment of a server whose paraphrase turns go to a fake LLM that takes 1 s, as a real
     one might: requests then really are inside a worker when it is killed."""
     with running_fake_llm(latency=1.0) as url:
-        yield {"COMBOT_LLM_URL": url, "COMBOT_LLM_MODEL": "fake-llm", "COMBOT_LLM_TIMEOUT": "5"}
+        yield {"COMBOT_LLM_URL": url, "COMBOT_LLM_MODEL": "fake-llm", "COMBOT_LLM_TIMEOUT": "5",
+               "COMBOT_REPLY_TIMING": "none"}
 
 
 def report(name: str, **figures: Any) -> None:

@@ -299,7 +299,9 @@ def client(tmp_path: Path, study_file: Callable[..., Path], monkeypatch: pytest.
     path = study_file(replace=PARAPHRASE_EVERYWHERE)
 
     def make(fake: FakeLLM | None, **env: str) -> TestClient:
-        environ = {"COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE, "COMBOT_LLM_MODEL": "test-model", **env}
+        # Reply timing is tests/test_timing.py's business: here replies come when computed.
+        environ = {"COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE, "COMBOT_LLM_MODEL": "test-model",
+                   "COMBOT_REPLY_TIMING": "none", **env}
         if fake is not None:
             environ["COMBOT_LLM_URL"] = fake.url
         return started_app(load_study(path, environ=environ), tmp_path / "llm.db")
@@ -443,7 +445,7 @@ def test_llm_check_without_an_llm_says_the_offline_paraphraser_answers(study_fil
 def test_the_real_server_uses_the_llm_in_every_worker(live_server: Callable[..., LiveServer], reset_fake: FakeLLM,
                                                       study_file: Callable[..., Path]) -> None:
     """Settings and the key reach spawned workers through the environment, never through files."""
-    env = {**os.environ, "COMBOT_LLM_URL": reset_fake.url, "COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE,
+    env = {**os.environ, "COMBOT_LLM_URL": reset_fake.url, "COMBOT_REPLY_TIMING": "none", "COMBOT_LLM_API_KEY_ENV": KEY_VARIABLE,
            KEY_VARIABLE: SECRET}
     server = live_server(workers=2, config=study_file(replace=PARAPHRASE_EVERYWHERE), env=env)
     with httpx.Client(timeout=30) as http:

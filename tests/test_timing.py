@@ -1,0 +1,220 @@
+"""Reply timing: [[timing]] blocks per cell, the pure plan, the cached LLM sample, and the server's hold.
+
+Statistics are computed on a simulated clock (the plan is pure), so no test depends on how fast
+this machine is; the real-server proof is bench/timing_matched.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+from starlette.testclient import TestClient
+
+from combot import store
+from combot.errors import ConfigError
+from combot.stats import ks_2samp, mann_whitney_u, percentile
+from combot.study import load_study
+from combot.timing import Outgoing, RecentLatencies, Timing, plan, typing_ms
+from tests.inprocess import Client, client_factory
+
+FIXED = Timing(mode="typing", base=1.0, chars_per_second=10.0, jitter=0.0, min=0.0, max=30.0)
+LLM = {"COMBOT_LLM_URL": "http://127.0.0.1:9/v1"}
+
+
+# --- the study file -----------------------------------------------------------------------------
+
+def test_without_blocks_the_mode_follows_whether_an_llm_is_configured(study_file: Callable[..., Path]) -> None:
+    path = study_file()
+    assert {load_study(path, environ={}).timing(c).mode for c in load_study(path, environ={}).cells()} == {"none"}
+    with_llm = load_study(path, environ=LLM)
+    assert {with_llm.timing(c).mode for c in with_llm.cells()} == {"matched"}
+
+
+def test_the_most_specific_block_wins_and_the_server_setting_overrides(study_file: Callable[..., Path]) -> None:
+    path = study_file(append='\n[[timing]]\nmode = "typing"\nbase = 2\n\n'
+                             '[[timing]]\nwhen = { think = "low" }\nmode = "none"\n\n'
+                             '[[timing]]\nwhen = { think = "low", feel = "high" }\nmode = "typing"\nmax = 9.5\n')
+    study = load_study(path, environ={})
+    by_cell = {study.cell_label(c): study.timing(c) for c in study.cells()}
+    assert by_cell["basic-high-low"] == Timing(mode="typing", base=2.0)
+    assert by_cell["basic-low-low"].mode == "none"
+    assert by_cell["bramble-low-high"] == Timing(mode="typing", max=9.5)
+    forced = load_study(path, environ={"COMBOT_REPLY_TIMING": "none"})
+    assert {forced.timing(c).mode for c in forced.cells()} == {"none"}
+    assert forced.timing(forced.cells()[0]).base == 2.0
+
+
+@pytest.mark.parametrize("block, needle, message", [
+    ('mode = "fast"', 'mode = "fast"', "mode must be one of matched, typing, none"),
+    ('mode = "typing"\nmin = 7', "min = 7", "min (7 s) is more than max (6 s)"),
+    ('mode = "typing"\nbase = -1', "base = -1", "must be between 0 and 30"),
+    ('mode = "typing"\nbase = "slow"', 'base = "slow"', "must be a number"),
+    ('mode = "typing"\njitter = 1.5', "jitter = 1.5", "must be between 0 and 0.9"),
+    ('mode = "typing"\nchars_per_second = 0', "chars_per_second = 0", "must be between 0.1 and 10000"),
+    ('mode = "typing"\ndelay = 2', "delay = 2", "unknown key 'delay'"),
+    ('when = { tone = "warm" }\nmode = "none"', 'tone = "warm"', "'when' names 'tone'"),
+])
+def test_a_bad_timing_block_names_its_line(study_file: Callable[..., Path], block: str, needle: str,
+                                           message: str) -> None:
+    path = study_file(append=f"\n[[timing]]\n{block}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_study(path, environ={})
+    assert message in str(caught.value)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), start=1) if needle in text)
+    assert caught.value.line == line
+
+
+def test_a_bad_reply_timing_setting_is_refused(study_file: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError, match="environment variable COMBOT_REPLY_TIMING must be one of study"):
+        load_study(study_file(), environ={"COMBOT_REPLY_TIMING": "sometimes"})
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+def test_mode_none_shows_everything_when_computed() -> None:
+    replies = [Outgoing("Thank you."), Outgoing("Your e-mail address, please.")]
+    assert plan(Timing(mode="none"), replies, 12, [900], random.Random(1)) == [12, 12]
+
+
+def test_typing_grows_with_length_is_clipped_and_never_hides_a_slow_reply() -> None:
+    rng = random.Random(1)
+    assert typing_ms(FIXED, "x" * 20, rng) == 3000  # 1 s + 20 characters at 10 per second
+    assert typing_ms(Timing(mode="typing", jitter=0.0, min=2.0, max=4.0, base=0.0), "", rng) == 2000
+    assert typing_ms(Timing(mode="typing", jitter=0.0, min=2.0, max=4.0, base=0.0), "x" * 9999, rng) == 4000
+    assert plan(FIXED, [Outgoing("x" * 20, by_llm=True)], 5000, [], rng) == [5000]  # took longer: shown when ready
+    # A later reply of the turn follows the one before after its own typing delay.
+    assert plan(FIXED, [Outgoing("x" * 20), Outgoing("y" * 10)], 40, [], rng) == [3000, 5000]
+    jittery = Timing(mode="typing", base=1.0, chars_per_second=10.0, jitter=0.2, min=0.0, max=30.0)
+    draws = {typing_ms(jittery, "x" * 20, rng) for _ in range(200)}
+    assert min(draws) >= 2400 and max(draws) <= 3600 and len(draws) > 50
+
+
+def test_matched_draws_from_the_sample_and_falls_back_to_typing() -> None:
+    matched = Timing(mode="matched", base=1.0, chars_per_second=10.0, jitter=0.0, min=0.0, max=30.0)
+    rng = random.Random(3)
+    sample = [900, 1100, 1300]
+    assert {plan(matched, [Outgoing("A scripted question?")], 8, sample, rng)[0] for _ in range(100)} == set(sample)
+    assert plan(matched, [Outgoing("An LLM's paraphrase.", by_llm=True)], 1042, sample, rng) == [1042]
+    assert plan(matched, [Outgoing("x" * 20)], 8, [], rng) == [3000]  # no LLM reply yet: the typing model
+    assert plan(matched, [Outgoing("x")], 2500, sample, rng) == [2500]  # computed later than any draw
+
+
+def simulate(mode: str, turns: int, seed: int) -> tuple[list[int], list[int]]:
+    """Follow-up turns of think-low (the LLM writes them, ~1.0 s) and think-high (scripted, ~5 ms)
+    cells through the plan, on a simulated clock: each LLM reply joins the sample, as in the study."""
+    rng = random.Random(seed)
+    timing = Timing(mode=mode)
+    sample: list[int] = []
+    low, high = [], []
+    for _ in range(turns):
+        llm_ms = int(1000 + rng.expovariate(1 / 40))  # a fake LLM at 1.0 s plus its network and queueing
+        low.append(plan(timing, [Outgoing("So your parcel was lost?", by_llm=True)], llm_ms, sample[-200:], rng)[0])
+        sample.append(llm_ms)
+        high.append(plan(timing, [Outgoing("When did you first notice the problem?")], 3 + rng.randrange(6),
+                         sample[-200:], rng)[0])
+    return low, high
+
+
+def compare(low: Sequence[int], high: Sequence[int]) -> dict[str, float]:
+    return {"median_ratio": statistics.median(high) / statistics.median(low),
+            "p90_ratio": percentile(high, 90) / percentile(low, 90),
+            "ks_p": ks_2samp(low, high)[1], "mw_p": mann_whitney_u(low, high)[1]}
+
+
+def test_matched_timing_removes_the_confound_and_none_shows_it() -> None:
+    matched = compare(*simulate("matched", 250, seed=14))
+    assert abs(matched["median_ratio"] - 1) < 0.10 and abs(matched["p90_ratio"] - 1) < 0.15
+    assert matched["ks_p"] > 0.05 and matched["mw_p"] > 0.05
+    confounded = compare(*simulate("none", 250, seed=14))
+    assert confounded["median_ratio"] < 0.05  # scripted replies come ~200 times sooner
+    assert confounded["ks_p"] < 1e-6 and confounded["mw_p"] < 1e-6
+
+
+# --- the worker's sample ------------------------------------------------------------------------
+
+def test_the_sample_is_read_once_per_refresh_and_in_the_background() -> None:
+    now = [0.0]
+    loads: list[int] = []
+
+    async def load() -> list[int]:
+        loads.append(1)
+        return [1000 + len(loads)]
+
+    async def go() -> None:
+        latencies = RecentLatencies(load, refresh=5.0, clock=lambda: now[0])
+        assert await latencies.get() == (1001,)  # the very first call waits for the read
+        now[0] = 4.9
+        assert await latencies.get() == (1001,) and len(loads) == 1
+        now[0] = 5.0
+        assert await latencies.get() == (1001,)  # stale: answered from the old sample ...
+        assert latencies._pending is not None
+        await latencies._pending  # ... while the new one is read
+        assert await latencies.get() == (1002,) and len(loads) == 2
+
+    asyncio.run(go())
+
+
+def test_the_store_gives_the_latest_llm_reply_times(tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "t.db")
+    conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at)"
+                 " VALUES ('p', 't', 'c', '{}', '{}', 0, 'started', 'x')")
+    rows = [("llm", 900, None), ("script", 5, 5), ("llm", 950, 1000), ("template", 4000, 4000), ("llm", 1200, 1250)]
+    for produced_by, latency, compute in rows:
+        conn.execute("INSERT INTO messages (participant_id, turn, sender, kind, text, produced_by, latency_ms,"
+                     " compute_ms, created_at) VALUES ('p', 1, 'bot', 'paraphrase', 'x', ?, ?, ?, 'x')",
+                     (produced_by, latency, compute))
+    assert store.recent_llm_reply_ms(conn) == [1250, 1000, 900]  # compute_ms, else latency_ms; newest first
+    assert store.recent_llm_reply_ms(conn, limit=2) == [1250, 1000]
+    assert store.recent_llm_reply_ms(conn, scan=2) == [1250]
+    conn.close()
+
+
+# --- through the app ----------------------------------------------------------------------------
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_app: Callable[..., TestClient]) -> Client:
+    return client_factory(tmp_path, monkeypatch, started_app)
+
+
+def test_the_server_holds_each_turn_and_the_page_gets_each_replys_delay(
+        client: Client, study_file: Callable[..., Path], tmp_path: Path) -> None:
+    # A fixed 0.2 s per reply (no jitter, min = max), so the designed times are exact.
+    path = study_file(append='\n[[timing]]\nmode = "typing"\nbase = 0.2\njitter = 0\nmin = 0.2\nmax = 0.2\n')
+    c = client(path)
+    closing_turns = []
+    for person in range(8):  # balanced assignment: one participant per cell
+        token = c.post("/api/sessions", json={}).json()["session_id"]
+        answer, turn = None, 0
+        while answer is None or answer["expects"] == "message":
+            started = time.perf_counter()
+            answer = c.post(f"/api/sessions/{token}/messages",
+                            json={"text": "My parcel never arrived at all.", "client_message_id": f"m{turn}"}).json()
+            assert time.perf_counter() - started >= 0.2  # held at least until the first reply was due
+            turn += 1
+        closing_turns.append([r["delay_ms"] for r in answer["replies"]])
+        again = c.post(f"/api/sessions/{token}/messages",
+                       json={"text": "My parcel never arrived at all.", "client_message_id": f"m{turn - 1}"}).json()
+        assert again["replies"] == answer["replies"]  # a repeat carries the same delays
+    # Feel-high cells: the empathy statement, then 0.2 s later the closing question; feel-low: the closing alone.
+    assert sorted(closing_turns) == [[0]] * 4 + [[0, 200]] * 4
+    conn = sqlite3.connect(tmp_path / "web.db")
+    rows = conn.execute("SELECT reply_to, compute_ms, shown_ms FROM messages WHERE sender = 'bot' AND reply_to IS NOT"
+                        " NULL ORDER BY id").fetchall()
+    greeting = conn.execute("SELECT compute_ms, shown_ms FROM messages WHERE kind = 'greeting'").fetchall()
+    conn.close()
+    assert greeting and set(greeting) == {(None, None)}
+    firsts: dict[int, int] = {}
+    for reply_to, compute_ms, shown_ms in rows:
+        assert compute_ms is not None and 0 <= compute_ms <= shown_ms
+        if reply_to not in firsts:
+            firsts[reply_to] = shown_ms
+            assert shown_ms == max(compute_ms, 200)
+        else:
+            assert shown_ms == firsts[reply_to] + 200
