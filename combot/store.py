@@ -152,8 +152,9 @@ def _v5(db: sqlite_utils.Database) -> None:
 def _v6(db: sqlite_utils.Database) -> None:
     """Reply timing (issue 14): on each bot reply to a participant message, `compute_ms` (until every
     reply of the turn was ready) and `shown_ms` (until this reply was due on the participant's screen)."""
-    db["messages"].add_column("compute_ms", int)
-    db["messages"].add_column("shown_ms", int)
+    for name in ("compute_ms", "shown_ms"):
+        if name not in db["messages"].columns_dict:  # a re-run of the migrations after v6 (tests/test_verify.py)
+            db["messages"].add_column(name, int)
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
