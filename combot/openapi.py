@@ -105,7 +105,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Reply": _closed({
         "text": {"type": "string"},
         "link": _ref("Link"),
-    }, ["text"]),
+        "delay_ms": {"type": "integer", "minimum": 0,
+                     "description": "When to show this reply: milliseconds after the first reply of the answer is "
+                                    "shown (0 for the first; the server already held the answer until then)."},
+    }, ["text", "delay_ms"]),
     "TurnResult": _closed({
         "replies": {"type": "array", "items": _ref("Reply")},
         "expects": _ref("Expects"),
