@@ -108,7 +108,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "delay_ms": {"type": "integer", "minimum": 0,
                      "description": "When to show this reply: milliseconds after the first reply of the answer is "
                                     "shown (0 for the first; the server already held the answer until then)."},
-    }, ["text", "delay_ms"]),
+    }, ["text"]),
     "TurnResult": _closed({
         "replies": {"type": "array", "items": _ref("Reply")},
         "expects": _ref("Expects"),
