@@ -56,11 +56,15 @@ async def create_session(request: Request) -> Response:
     platform_id = recruitment.platform_id(params, study.settings)
     consented = consent.given(data)
     is_synthetic = synthetic.is_synthetic(request.headers, request.app.state.admin_token.value)
+    if key:
+        known = await res.store.read(store.participant_by_client_key, key)
+        if known is not None and known["status"] != "declined":
+            # A retry: answered from the store, counted against no limit (concurrent first tries are
+            # settled inside the write transaction of create_participant).
+            return await _session_response(res, known)
     if study.settings["consent.enabled"] and not consented:
-        returning = await res.store.read(store.participant_by_client_key, key) if key else None
-        if returning is not None and returning["status"] == "declined":
-            returning = None
-        if returning is None and platform_id:
+        returning = None
+        if platform_id:
             returning = await res.store.read(store.participant_by_platform_id, platform_id)
         if returning is None:
             raise ConsentRequired("please read the study information and agree before the chat starts")

@@ -433,3 +433,30 @@ def test_max_reprompts_zero_keeps_the_old_behaviour(real: Callable[..., TestClie
     participant = rows(tmp_path / "real.db", "SELECT * FROM participants")[0]
     assert participant["problem_type"] == "Other" and participant["described_experience"] == 0
     assert "reprompt" not in [r["kind"] for r in rows(tmp_path / "real.db", "SELECT kind FROM messages")]
+
+
+@pytest.mark.slow
+def test_retried_declines_make_one_decline_per_person(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server(workers=8, env={**os.environ, "COMBOT_CONSENT": "true"})
+    keys = [key() for _ in range(12)]
+
+    def decline(k: str) -> int:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            return http.post("api/declines", json={"client_key": k}).status_code
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        codes = list(pool.map(decline, [k for k in keys for _ in range(4)]))
+    stored = rows(server.database, "SELECT client_key, status, cell FROM participants")
+    print(f"\nretried declines: {len(codes)} requests for {len(keys)} people -> {len(stored)} declines")
+    assert sorted(codes) == sorted([201] * len(keys) + [200] * (3 * len(keys)))
+    assert sorted(r["client_key"] for r in stored) == sorted(keys)
+    assert {r["status"] for r in stored} == {"declined"} and {r["cell"] for r in stored} == {""}
+
+
+def test_a_retried_key_is_not_counted_as_a_new_start(client: Client) -> None:
+    c = client(environ={"COMBOT_SESSION_RATE_LIMIT": "2"})
+    k = key()
+    codes = [c.post("/api/sessions", json={"client_key": k}).status_code for _ in range(5)]
+    assert codes == [201, 200, 200, 200, 200]
+    assert c.post("/api/sessions", json={"client_key": key()}).status_code == 201
+    assert c.post("/api/sessions", json={"client_key": key()}).status_code == 429
