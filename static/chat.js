@@ -914,8 +914,7 @@
     var note = offline()
       ? "You seem to be offline. It will be sent when you are back online."
       : "The connection failed. It will be tried again in a moment.";
-    markRow(pending.row, true, note, true);
-    el.status.textContent = "Your message was not sent. " + note;
+    markRow(pending.row, true, note, true); // inside the log: screen readers hear it as it is added
     clearTimeout(state.retryTimer);
     state.retryTimer = setTimeout(function () {
       if (!offline()) retryFailed();

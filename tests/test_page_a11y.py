@@ -122,6 +122,11 @@ def test_transcript_scrolls_from_the_keyboard(study_server: Any, phone: Callable
     log = page.locator("#log")
     assert log.get_attribute("role") == "log" and log.get_attribute("tabindex") == "0"
     assert log.get_attribute("aria-live") == "polite" and log.get_attribute("aria-label")
+    assert log.get_attribute("aria-relevant") == "additions" and log.get_attribute("aria-busy") == "false"
+    # Every message is announced with who said it (hidden from sight, which shows it by side and colour).
+    speakers = page.eval_on_selector_all("#log .msg .bubble > .visually-hidden", "els => els.map(e => e.textContent)")
+    assert speakers[:2] == [f"{page.locator('#bot-name').inner_text().strip()}: ", "You: "], speakers
+    assert len(speakers) == page.locator("#log .msg").count()
     scroll_top = "document.getElementById('scroller').scrollTop"
     bottom = page.evaluate(scroll_top)
     assert bottom > 0, "the test needs a transcript longer than the screen"

@@ -85,6 +85,8 @@ def test_offline_message_waits_in_place_and_is_sent_once_when_back_online(
     assert page.evaluate("window.__typingShown") == 0
     assert page.locator("#typing").is_hidden()
     assert "Not sent" in row.inner_text() and "offline" in row.inner_text()
+    # Said inside the live log region, where screen readers hear additions, like the messages themselves.
+    assert row.locator(".msg__state").evaluate("e => e.closest('[role=log][aria-live=polite]') !== null")
     retry = row.locator("button.msg__retry")
     assert retry.is_visible() and retry.is_enabled()
     assert page.locator("#notice").is_hidden(), "no notice pushes the message out of view"
