@@ -62,11 +62,12 @@ def test_the_end_carries_the_participant_id_for_the_parent(client: Client, tmp_p
 
 
 def test_an_origin_that_is_not_one_names_the_line(study_file: Callable[..., Path]) -> None:
-    path = study_file(append='\n[embed]\nframe_ancestors = ["https://*.qualtrics.com", "*"]\n')
+    bad = 'frame_ancestors = ["https://*.qualtrics.com", "*"]'
+    path = study_file(replace={"frame_ancestors = []": bad})
     with pytest.raises(ConfigError) as error:
         load_study(path, environ={})
     assert "frame_ancestors" in str(error.value) and "'*' is not one" in str(error.value)
-    assert f"line {len(path.read_text().splitlines())}:" in str(error.value)
+    assert f"line {path.read_text().splitlines().index(bad) + 1}:" in str(error.value)
 
 
 # --- in Chromium: a survey page on another origin frames the chat -----------------------------------
