@@ -18,7 +18,8 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("others", ("manager", "anyone else", "someone else", "supervisor")),
     ("damage", ("damaged", "missing", "broken")),
     ("where", ("where did", "where was", "in a store", "on the phone")),
-    ("resolution", ("refund", "replacement", "repair", "resolved", "resolve", "offered", "compensat")),
+    ("resolution", ("refund", "replacement", "repair", "resolved", "resolve", "offered", "compensation",
+                    "compensate")),
     ("contact", ("get in touch", "contact", "complain", "complaint", "respond", "react", "reply")),
     ("tracking", ("tracking", "courier", "delivery company")),
     ("when", ("when", "how long", "supposed to arrive", "date")),
@@ -29,11 +30,16 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+_TOPIC_PATTERNS = tuple((topic, re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"))
+                        for topic, words in TOPICS)
+
+
 def topic_of(question: str) -> str | None:
-    """The topic of a bot message, or None when it asks nothing we recognise."""
+    """The topic of a bot message, or None when it asks nothing we recognise (whole words only:
+    "Whenever you're ready" is not a question about when)."""
     lower = question.lower()
-    for topic, words in TOPICS:
-        if any(word in lower for word in words):
+    for topic, pattern in _TOPIC_PATTERNS:
+        if pattern.search(lower):
             return topic
     return None
 

@@ -55,6 +55,7 @@ def test_a_scripted_persona_answers_the_question_asked_from_its_own_story() -> N
     assert topic_of("When was the order supposed to arrive, and when did it turn up?") == "when"
     assert topic_of("Did anyone else, such as a manager, get involved?") == "others"
     assert topic_of("Lovely weather.") is None
+    assert topic_of("Whenever you're ready, tell me about a time a company let you down. What happened?") == "detail"
 
 
 def test_the_decliner_declines_only_where_the_study_allows_it() -> None:
