@@ -195,7 +195,7 @@ PERSONAS: tuple[Persona, ...] = (
         answers={
             "detail": "rolled her eyes and snapped at me",
             "where": "supermarket checkout",
-            "contact": "didnt say anything, just left",
+            "contact": "i didnt say anything, just left",
             "others": "no",
             "feeling": "embarrassed",
             "loyalty": "still go there, no choice",
