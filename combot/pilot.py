@@ -51,7 +51,7 @@ class PilotOptions:
     participant_llm: bool = False
     participant_model: str | None = None
     personas: tuple[str, ...] = ()  # keys of the bank to use (default: all, in order)
-    concurrency: int = 8
+    concurrency: int = 16  # conversations at once (a held reply costs the server an idle coroutine)
     url: str | None = None  # a running server instead of a throwaway one
     admin_token: str = ""  # with url: marks the participants synthetic and reads the export
 
@@ -395,7 +395,9 @@ def _run_local(study: Study, options: PilotOptions, say: Callable[[str], None]) 
         copy = workdir / "study.toml"
         shutil.copyfile(study_source(study), copy)
         say(f"starting {options.workers} workers on a throwaway database ...")
-        with bench.local_server(options.workers, str(copy), {}, workdir, database_name="pilot.db") as (url, db, _p):
+        # Every pilot participant arrives from this one address: no per-address start limit.
+        env = {"COMBOT_SESSION_RATE_LIMIT": "0"}
+        with bench.local_server(options.workers, str(copy), env, workdir, database_name="pilot.db") as (url, db, _p):
             conn = store.connect(db)
             try:
                 conversations = asyncio.run(_walk_local(url, study, options, conn, say))

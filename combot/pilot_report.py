@@ -243,7 +243,8 @@ def build(study: Study, options: PilotOptions, collected: Sequence[tuple[Convers
     by_label: dict[str, dict[str, Any]] = {}
     for cell in study.cells():
         entry = {"cell": study.cell_label(cell), "number": study.cell_number(cell), "factors": dict(cell),
-                 "in_words": in_words(study, cell), "followups": study.followup_mode(cell), "transcripts": []}
+                 "in_words": in_words(study, cell), "followups": study.followup_mode(cell),
+                 "timing": study.timing(cell).mode, "transcripts": []}
         cells.append(entry)
         by_label[entry["cell"]] = entry
     for conv, row, messages in sorted(collected, key=lambda item: (item[0].slot, item[0].index)):
@@ -336,10 +337,10 @@ def _label(message: Mapping[str, Any]) -> str:
         parts.append(f"model {message['model']}")
     if message.get("fallback_reason"):
         parts.append(f"fallback: {message['fallback_reason']}")
-    for name, shown in (("compute_ms", "computed in"), ("shown_ms", "designed delay: shown after"),
-                        ("latency_ms", "ready after")):
-        if message.get(name) is not None:
-            parts.append(f"{shown} {message[name]} ms")
+    if message.get("shown_ms") is not None:
+        parts.append(f"computed in {message.get('compute_ms', '?')} ms, shown after {message['shown_ms']} ms (designed)")
+    elif message.get("latency_ms") is not None:
+        parts.append(f"ready after {message['latency_ms']} ms")
     return " · ".join(p for p in parts if p)
 
 
@@ -456,7 +457,8 @@ def to_html(report: Mapping[str, Any]) -> str:
     out.append("<h2>Cells and transcripts</h2>")
     for cell in report["cells"]:
         out.append(f"<h3>Cell {_e(cell['number'])}: {_e(cell['in_words'])}</h3>"
-                   f"<p class=\"label\">follow-ups: {_e(cell['followups'])} · {len(cell['transcripts'])} transcript(s)</p>")
+                   f"<p class=\"label\">follow-ups: {_e(cell['followups'])} · reply timing: {_e(cell.get('timing', ''))}"
+                   f" · {len(cell['transcripts'])} transcript(s)</p>")
         out += [_transcript_html(t) for t in cell["transcripts"]]
     out.append("</body></html>")
     return "\n".join(out)

@@ -206,6 +206,8 @@ def test_the_default_study_pilots_clean_with_balance_and_a_documented_export(tmp
             assert transcript["status"] == "finished" and transcript["error"] is None
             bots = [m for m in transcript["messages"] if m["from"] == "bot"]
             assert all(m["produced_by"] in ("script", "template") for m in bots)
+            # Each reply carries its timing: computed, and shown after its designed delay.
+            assert all(m["shown_ms"] >= m["compute_ms"] >= 0 for m in bots if m["kind"] != "greeting")
             thanks = [m for m in bots if m["kind"] == "thanks"]
             assert thanks and transcript["participant_id"] in thanks[0]["link"]["url"]
         empathy = [m for t in cell["transcripts"] for m in t["messages"] if m["kind"] == "empathy"]
@@ -217,6 +219,7 @@ def test_the_default_study_pilots_clean_with_balance_and_a_documented_export(tmp
     assert report["data"]["stored"]["messages_expected"] > 16 * 8
     files = report["data"]["export"]["files"]
     assert files["participants"]["rows"] == 16 and all(not f["undocumented"] for f in files.values())
+    assert "shown after" in out.read_text() and "reply timing: none" in out.read_text()
     assert "Side by side" in out.read_text() and "brand: bramble · think: low · feel: high" in out.read_text()
     assert {p.name for p in Path.cwd().iterdir()} == before, "nothing written beside the study"
 
