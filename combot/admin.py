@@ -115,7 +115,11 @@ def _require(request: Request) -> None:
 def _to_root(request: Request) -> str:
     """The relative way from this page back to the app's root ("" from /admin, "../" from /admin/login):
     links stay relative, so a proxy may serve the study under a sub-path (/study1/admin)."""
-    return "../" * (request.url.path.rstrip("/").count("/") - 1)
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):  # a prefix the server was told about is not ours to climb
+        path = path[len(root):]
+    return "../" * (path.rstrip("/").count("/") - 1)
 
 
 def _login_page(request: Request, error: str = "", status: int = 401) -> Response:

@@ -70,3 +70,14 @@ def test_a_bad_address_names_the_line(study_file: Callable[..., Path]) -> None:
     line = path.read_text().splitlines().index('forwarded_allow_ips = ["127.0.0.1", "my-proxy"]') + 1
     assert "forwarded_allow_ips" in str(error.value) and "'my-proxy'" in str(error.value)
     assert f"line {line}:" in str(error.value)
+
+
+def test_the_sign_in_page_links_relative_to_where_it_is(client: Client) -> None:
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    at_admin, at_login = c.get("/admin").text, c.get("/admin/login").text
+    assert 'href="static/admin.css"' in at_admin and 'action="admin/login"' in at_admin
+    assert 'href="../static/admin.css"' in at_login and 'action="../admin/login"' in at_login
+    for page in (at_admin, at_login, c.get("/").text):
+        assert 'href="/' not in page and 'src="/' not in page and 'action="/' not in page
+    wrong = c.post("/admin/login", data={"token": "nope"})
+    assert wrong.status_code == 401 and 'action="../admin/login"' in wrong.text
