@@ -24,6 +24,8 @@
   // The server answers 503 itself when a reply takes too long; this only catches a connection that hangs.
   var REQUEST_TIMEOUT_MS = 45000;
   var DEFAULT_MAX_CHARS = 2000;
+  // A reply's delay after the first of its answer never exceeds this, whatever the server says.
+  var MAX_REPLY_DELAY_MS = 30000;
   var DEFAULT_COLOUR = "#4a5868";
 
   var el = {
@@ -268,6 +270,13 @@
     var wasPinned = state.pinned;
     var row = make("div", "msg " + (mine ? "msg--participant" : "msg--bot"));
     if (!mine) row.appendChild(avatar());
+    // Consecutive bot bubbles form one group, as chat widgets show them: close together, one avatar
+    // beside the newest.
+    var previous = el.log.lastElementChild;
+    if (!mine && previous && previous.classList.contains("msg--bot")) {
+      previous.classList.add("msg--group-next");
+      row.classList.add("msg--group-prev");
+    }
     var bubble = make("div", "bubble");
     // Screen readers hear who said what; sighted readers see it from the side and colour.
     bubble.appendChild(make("span", "visually-hidden", mine ? "You: " : state.bot.name + ": "));
@@ -511,8 +520,8 @@
     updateComposer();
   }
 
-  // "... is typing" only while a request is really on its way to the server, never while the page
-  // merely waits to try again (offline, or between retries).
+  // "... is typing" only while a request is really on its way to the server, or while the next reply
+  // of an answer is due; never while the page merely waits to try again (offline, or between retries).
   function setTyping(typing) {
     el.typing.hidden = !typing;
     el.typingText.textContent = typing ? state.bot.name + " is typing" : "";
@@ -614,6 +623,10 @@
 
   function offline() {
     return navigator.onLine === false;
+  }
+
+  function sleep(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
   }
 
   // A backoff wait that ends early when the connection comes back.
@@ -862,22 +875,38 @@
       await pause(i);
     }
     pending.row.classList.remove("msg--sending");
-    setBusy(false);
     if (answer) {
       tabSet("unsent", null);
       markRow(pending.row, false, null, false);
       var replies = Array.isArray(answer.data.replies) ? answer.data.replies : [];
-      replies.forEach(function (r) {
-        if (r && typeof r === "object") addMessage("bot", r.text, r.link);
-      });
+      // The server held the answer until its first reply was due; the rest follow at their delay_ms.
+      await showInSequence(replies.filter(function (r) { return r && typeof r === "object"; }));
+      setBusy(false);
       setTurn(answer.data.turn);
       setExpects(answer.data.expects, answer.data.redirect);
       announce();
       tellParent(answer.data);
     } else {
+      setBusy(false);
       await handleSendError(failure, pending);
     }
     focusInput();
+  }
+
+  // A turn's replies one after another: the first at once, each later one at its `delay_ms` after
+  // the first, with the typing indicator until it is due.
+  async function showInSequence(replies) {
+    var first = Date.now();
+    for (var i = 0; i < replies.length; i++) {
+      var delay = Number(replies[i].delay_ms);
+      var wait = i === 0 || !isFinite(delay) ? 0 : first + Math.min(Math.max(delay, 0), MAX_REPLY_DELAY_MS) - Date.now();
+      if (wait > 0) {
+        setTyping(true);
+        await sleep(wait);
+        setTyping(false);
+      }
+      addMessage("bot", replies[i].text, replies[i].link);
+    }
   }
 
   async function handleSendError(error, pending) {

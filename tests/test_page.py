@@ -436,3 +436,53 @@ def test_completion_redirect_without_a_survey(live_server: Callable[..., Any], p
     assert handoff.get_attribute("href") == "https://app.prolific.com/submissions/complete?cc=C0DE"
     assert "automatically" in page.locator("#handoff-text").inner_text()
     page.wait_for_url("https://app.prolific.com/submissions/complete?cc=C0DE", timeout=15_000)
+
+
+# Records, in the page, each bot bubble added and each change of the typing indicator, in order, with
+# the page's clock: what the participant saw and when, whatever the test's own polling misses.
+WATCH = """() => {
+  window.__seen = [];
+  const typing = document.getElementById('typing');
+  new MutationObserver(records => {
+    for (const r of records) {
+      if (r.type === 'attributes') {
+        if (r.target === typing) window.__seen.push([typing.hidden ? 'typing off' : 'typing on', performance.now()]);
+        continue;
+      }
+      for (const node of r.addedNodes) {
+        if (node.classList && node.classList.contains('msg')) {
+          window.__seen.push([node.classList.contains('msg--bot') ? 'bot' : 'participant', performance.now()]);
+        }
+      }
+    }
+  }).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['hidden']});
+}"""
+
+
+def test_replies_of_one_turn_come_one_after_another_in_one_group(
+        live_server: Callable[..., Any], phone: Callable[[str], Phone], study_file: Callable[..., Path]) -> None:
+    # The first message ends the chat (no follow-ups): the empathy statement, then the closing question,
+    # each a fixed 1.5 s (typing mode without jitter, min = max).
+    config = study_file(replace={"followup_turns = 4": "followup_turns = 0",
+                                 'when = { feel = "low" }\ntext = ""': 'when = { feel = "low" }\ntext = "I see."'},
+                        append='\n[[timing]]\nmode = "typing"\njitter = 0\nmin = 1.5\nmax = 1.5\n')
+    server = live_server(workers=1, config=config)
+    page = phone(server.url).open()
+    page.evaluate(WATCH)
+    page.locator("#message").fill(FIRST)
+    page.locator("#message").press("Enter")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.msg--bot').length === 3 && document.getElementById('typing').hidden")
+    seen = page.evaluate("() => window.__seen")
+    events = [name for name, _ in seen]
+    # Typing while the server holds the answer, the first reply, typing again, the second.
+    assert events[0] == "participant"
+    assert events[events.index("bot"):] == ["bot", "typing on", "typing off", "bot"], events
+    at = {name: [t for n, t in seen if n == name] for name in ("participant", "bot")}
+    assert at["bot"][0] - at["participant"][0] >= 1450  # held by the server until due (lower bounds only)
+    assert at["bot"][1] - at["bot"][0] >= 1450  # paced by the page at the reply's delay_ms
+    rows = page.locator(".log .msg--bot")
+    assert "msg--group-next" in rows.nth(1).get_attribute("class")
+    assert "msg--group-prev" in rows.nth(2).get_attribute("class")
+    assert not rows.nth(1).locator(".avatar").is_visible() and rows.nth(2).locator(".avatar").is_visible()
+    assert expects(page) == "email"
