@@ -98,26 +98,34 @@ def same_status(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 # --- the study digest -----------------------------------------------------------------------------
 
-def leaf(participant_id: str, head: str) -> bytes:
-    return participant_id.encode("utf-8") + b"\x00" + bytes.fromhex(head)
+def leaf(participant_id: str, head: str | None) -> bytes:
+    # A row written without a chain (by hand) has no head: its leaf holds none, and verify says so.
+    return participant_id.encode("utf-8") + b"\x00" + bytes.fromhex(head or "")
 
 
-def merkle_root(leaves: Sequence[bytes]) -> str:
-    """RFC 6962 Merkle tree hash (hex) of the leaf data, in the given order."""
-    def tree(items: Sequence[bytes]) -> bytes:
-        if len(items) == 1:
-            return hashlib.sha256(b"\x00" + items[0]).digest()
-        split = 1
-        while split * 2 < len(items):
-            split *= 2
-        return hashlib.sha256(b"\x01" + tree(items[:split]) + tree(items[split:])).digest()
+def merkle_root(leaves: Iterable[bytes]) -> str:
+    """RFC 6962 Merkle tree hash (hex) of the leaf data, in the given order, in one pass.
 
-    if not leaves:
+    A stack of perfect subtrees (sizes strictly decreasing) is merged as leaves arrive; folding it
+    from the right at the end gives the RFC's split at the largest power of two below n."""
+    stack: list[tuple[int, bytes]] = []
+    for data in leaves:
+        size, node = 1, hashlib.sha256(b"\x00" + data).digest()
+        while stack and stack[-1][0] == size:
+            left_size, left = stack.pop()
+            size, node = left_size + size, hashlib.sha256(b"\x01" + left + node).digest()
+        stack.append((size, node))
+    if not stack:
         return hashlib.sha256(b"").hexdigest()
-    return tree(leaves).hex()
+    _, root = stack.pop()
+    while stack:
+        _, left = stack.pop()
+        root = hashlib.sha256(b"\x01" + left + root).digest()
+    return root.hex()
 
 
-def digest(heads: Iterable[tuple[str, str]]) -> str:
-    """The study digest over (participant id, chain head) pairs, in any order."""
-    ordered = sorted(heads, key=lambda pair: pair[0].encode("utf-8"))
-    return merkle_root([leaf(pid, head) for pid, head in ordered])
+def digest(heads: Iterable[tuple[str, str | None]], ordered: bool = False) -> str:
+    """The study digest over (participant id, chain head) pairs; sorted here unless `ordered` says
+    they already come by participant id, bytewise (as SQLite's ORDER BY id gives them)."""
+    pairs = heads if ordered else sorted(heads, key=lambda pair: pair[0].encode("utf-8"))
+    return merkle_root(leaf(pid, head) for pid, head in pairs)

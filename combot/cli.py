@@ -397,6 +397,63 @@ def export_command(out_dir: str, anonymise: bool, fmt: str, include_synthetic: b
     click.echo(f"  codebook.md\nWritten to {Path(out_dir).resolve()}")
 
 
+@cli.command()
+@click.option("--close", is_flag=True,
+              help="Record this digest as the closing one and stop taking new participants and messages.")
+@click.option("--yes", is_flag=True, help="With --close: do not ask for confirmation.")
+@_config_option
+@_setting_options("server", ("database",))
+def digest(close: bool, yes: bool, config_path: str | None, **flags: Any) -> None:
+    """Print the study digest (a Merkle root over every participant's hash chain) with what it covers.
+
+    Publish it when collection closes; anyone holding the export can check it with `combot verify`.
+    """
+    from combot import export, store
+
+    study = _load(config_path, "server", flags)
+    database = study.settings["server.database"]
+    try:
+        conn = export.open_database(database)
+    except export.ExportError as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        if close and not yes and not store.study_digest(conn)["closed_at"]:
+            click.confirm(f"Close data collection in {database}? New participants and messages will be refused",
+                          abort=True)
+        info = store.close_collection(conn) if close else store.study_digest(conn)
+    finally:
+        conn.close()
+    click.echo(f"study digest: {info['digest']}")
+    click.echo(f"  covers {info['participants']} participants and {info['messages']} messages"
+               f" (chains authoritative since {info['chain_since']})")
+    if info["closed_at"]:
+        click.echo(f"  collection closed at {info['closed_at']}; closing digest {info['closing_digest']}")
+        if info["closing_digest"] != info["digest"]:
+            click.echo("  the data no longer gives the closing digest: run `combot verify` on the database")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--digest", "expected", help="The study digest you published; the data must give exactly this one.")
+def verify(path: str, expected: str | None) -> None:
+    """Recompute every hash chain and the study digest of a database or an export folder.
+
+    Exits 0 when intact; otherwise names the first participant and row that differ and exits 1.
+    """
+    from combot import verify as checking
+
+    report = (checking.verify_export(path, expected) if Path(path).is_dir()
+              else checking.verify_database(path, expected))
+    for note in report.notes:
+        click.echo(f"  {note}")
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"NOT INTACT: {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"intact: {report.participants} participants and {report.messages} messages;"
+               f" study digest {report.digest}" + (" (as expected)" if expected else ""))
+
+
 def main() -> None:
     """Entry point of the `combot` script and the .pyz."""
     cli(prog_name="combot")

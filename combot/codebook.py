@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from combot import __version__, store
+from combot import __version__, chain, store
 from combot.study import Study
 
 if TYPE_CHECKING:
@@ -185,6 +185,10 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         ("experience_score", "number 0-1", "for each opening message the classifier saw (the first, and any after"
                                            " a re-prompt): the opener head's probability that it describes an"
                                            " experience; empty for other messages"),
+        ("stage", "text", "on a participant message and the greeting: the conversation's stage after it, as the"
+                          " engine decided (e.g. `chat`, `email`, `done`); empty on the bot's replies"),
+        ("expects", "text", "on a participant message and the greeting: what the page asked for next (`message`,"
+                            " `email` or `done`); empty on the bot's replies"),
     ]
     for label, column in layout.message_scores.items():
         messages.append((column, "number 0-1", f"for each opening message: the classifier's score for `{label}`"
@@ -218,6 +222,8 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         out += [f"## personal.{ext}\n", "Personal data (ethics boards treat e-mail addresses and platform ids"
                 " so): keep apart from the research data; `--anonymise` leaves this file out.\n", _table(personal)]
 
+    out += _tamper_evidence(conn, ext, anonymise)
+
     notes = ["## Reading the files\n"]
     if fmt == "csv":
         notes.append(
@@ -236,3 +242,77 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
                      " `pd.read_json(\"messages.jsonl\", lines=True)`.\n")
     out += notes
     return "\n".join(out)
+
+
+def _tamper_evidence(conn: sqlite3.Connection, ext: str, anonymise: bool) -> list[str]:
+    """chain.csv, MANIFEST.json, and plainly what `combot verify` proves and what it does not."""
+    meta = store.meta(conn)
+    rows = [
+        ("participant_id", "text", "the participant"),
+        ("seq", "integer", "the link's place in the participant's chain, from 0"),
+        ("link", "text", "`participant` (the participant row), `status` (a status change, its content in the"
+                         " following columns) or `message` (the row of messages with `message_id`)"),
+        ("message_id", "integer", "the message of a `message` link"),
+        ("at", "timestamp", "when a status change was stored"),
+        ("status", "text", "a status change: the participant's status from then on"),
+        ("problem_type", "text", "a status change: the problem type from then on"),
+        ("scores", "text", "a status change: the classifier's scores, `label:score` pairs sorted by label"),
+        ("finished_at", "timestamp", "a status change: the finish time from then on"),
+        ("described_experience", "integer", "a status change: 1 when the opening described an experience, 0 when"
+                                            " not, empty before it was settled"),
+        ("hash", "text", "SHA-256 (hex) of the previous link's hash followed by this link's encoding"),
+    ]
+    covered = "\n".join(f"- `{kind}` link: " + ", ".join(f"`{name}`" for name in names)
+                         for kind, names in chain.FIELDS.items())
+    since = meta.get("chain_since", "unknown")
+    upgraded = meta.get("chain_backfilled", "")
+    out = [f"## chain.{ext}\n",
+           "Every participant's hash chain, one row per link in the order the links were written: first the"
+           " participant row, a status row, the greeting, then each turn's messages followed by a status row when"
+           " the status, problem type, scores, finish time or `described_experience` changed.\n", _table(rows),
+           "## Tamper evidence\n",
+           "Each row is chained as it is stored, inside the same database transaction: its hash is"
+           " SHA-256(previous hash of the same participant, 32 zero bytes for the first, followed by the link's"
+           " encoding). The encoding is UTF-8 text: `combot-chain-1`, a newline, the link kind, a newline, then for"
+           " each covered field in the order below whose value is not null or empty: the field name, `=`, the"
+           " value's length in UTF-8 bytes, `:`, the value and a newline. Values are written as stored: text as is,"
+           " integers in decimal, timestamps exactly as in these files, scores as `label:score` pairs sorted by"
+           " label (each score the shortest decimal that reads back as the same double). The chain covers, by"
+           " export column name (`started_at`, `timestamp` are the stored times; `consent` and `synthetic` as in"
+           " participants):\n",
+           covered + "\n",
+           "Not covered: `turns`, `last_active_at` and `seconds_spent` (they follow from the messages), the factor"
+           " columns (they spell out `cell`, which is covered; verify checks they agree), the score columns of"
+           " participants (verify checks them against the last status row), everything in personal data"
+           " (e-mail addresses, platform ids, URL parameters, browsers), and what the server keeps for itself"
+           " (session tokens, client message ids, the conversation's internal state).\n",
+           "The **study digest** is the Merkle tree hash of RFC 6962 over one leaf per participant (synthetic"
+           " participants left out), in order of participant id: the id in UTF-8, a zero byte, then the chain head"
+           " (32 bytes). `combot digest` prints it; publish it when collection closes (`combot digest --close`"
+           " records it and stops taking participants).\n",
+           f"The chains are authoritative from **{since}** (UTC), when this database first stored them."
+           + (f" Rows stored before then ({upgraded}) got their chains computed once at that moment, from the"
+              " rows as they were then; for those, a chain shows nothing changed after that moment, not before"
+              " it, and their status history is a single status row with the values found."
+              if upgraded and not upgraded.startswith("0 participants") else "") + "\n",
+           "`MANIFEST.json` holds the SHA-256 of every file of this export, each participant's chain head, the"
+           " study digest, the study versions and the Combot version. `combot verify FOLDER` recomputes every"
+           " file hash, every chain from these files and the digest, and names the first participant and row that"
+           " differ; `--digest` compares with the digest you published.\n",
+           "What a check proves: that these files hold exactly the rows whose chains give the digest in"
+           " MANIFEST.json, so when that digest equals one published before (with a preregistration or at"
+           " closing), nothing covered was changed, added, removed or re-ordered since. What it does not prove:"
+           " that the published digest came from honest data (whoever runs the server could have altered rows"
+           " before they were chained, or before publishing), or anything about the columns listed as not"
+           " covered. A digest in MANIFEST.json that nobody published earlier proves only that the files agree"
+           " with each other, since whoever holds them could recompute every hash.\n",
+    ]
+    if anonymise:
+        out.append("This export is anonymised: the chains cover no personal data, so it verifies against the same"
+                   " study digest as a full export and proves the same about every file it holds. It says nothing"
+                   " about the personal data left out, and nothing about whether message texts hold what"
+                   " participants wrote about themselves.\n")
+    else:
+        out.append(f"personal.{ext} is covered by its file hash in MANIFEST.json only: a check shows it is"
+                   " unchanged since this export, not that it is what was collected.\n")
+    return out

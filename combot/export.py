@@ -5,6 +5,9 @@
 - personal.csv: e-mail addresses, platform ids and URL parameters; left out with `anonymise`.
 - study/<version>.toml: the full text of each study version participants saw (`study_version`).
 - codebook.md: every column and every value, and the Combot version and model digests.
+- chain.csv: every participant's hash chain, one row per link (combot/chain.py).
+- MANIFEST.json: the sha256 of every file above, each participant's chain head, the study digest,
+  the study versions and the Combot version; `combot verify DIR` checks all of it.
 
 Synthetic participants (`combot bench`, pilots) are left out unless `include_synthetic`, which adds
 them with a `synthetic` column.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import hashlib
 import io
 import json
 import os
@@ -37,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from combot import store
+from combot import __version__, chain, store
 from combot.codebook import codebook
 from combot.errors import CombotError
 from combot.settings import Settings
@@ -46,6 +50,8 @@ from combot.study import Study
 FORMATS = ("csv", "jsonl")
 PERSONAL = "personal"
 STUDY_FOLDER = "study"
+CHAIN = "chain"
+MANIFEST = "MANIFEST.json"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -77,7 +83,10 @@ PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "d
                      "status", "consent", "started_at", "finished_at", "last_active_at", "seconds_spent", "turns",
                      "assignment", "study_version")
 MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
-                   "latency_ms", "compute_ms", "shown_ms", "fallback_reason", "timestamp", "experience_score")
+                   "latency_ms", "compute_ms", "shown_ms", "fallback_reason", "timestamp", "stage", "expects",
+                   "experience_score")
+CHAIN_COLUMNS = ("participant_id", "seq", "link", "message_id", "at", "status", "problem_type", "scores",
+                 "finished_at", "described_experience", "hash")
 PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 
 
@@ -152,16 +161,31 @@ def message_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str,
     for row in conn.execute(
             "SELECT participant_id, id, turn, sender, kind, text, produced_by, model, latency_ms, compute_ms, shown_ms,"
             " fallback_reason,"
-            f" created_at, scores FROM messages{where} ORDER BY participant_id, id"):
+            f" created_at, stage, expects, scores FROM messages{where} ORDER BY participant_id, id"):
         scores = json.loads(row["scores"]) if row["scores"] else {}
         out = {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
                "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
                "model": row["model"], "latency_ms": row["latency_ms"], "compute_ms": row["compute_ms"],
                "shown_ms": row["shown_ms"], "fallback_reason": row["fallback_reason"],
-               "timestamp": row["created_at"], "experience_score": scores.get("experience")}
+               "timestamp": row["created_at"], "stage": row["stage"], "expects": row["expects"],
+               "experience_score": scores.get("experience")}
         for label, column in layout.message_scores.items():
             out[column] = scores.get(label)
         yield out
+
+
+def chain_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
+    """Every link of every exported participant's chain, in chain order; the content of status
+    links (which no other file holds), the message id of message links."""
+    for participant, changes, messages in store.chains(conn, include_synthetic=layout.include_synthetic):
+        pid = participant["id"]
+        links: list[dict[str, Any]] = [{"participant_id": pid, "seq": 0, "link": "participant",
+                                        "hash": participant["hash"]}]
+        links += [{**{name: row[name] for name in CHAIN_COLUMNS if name not in ("link", "message_id")},
+                   "link": "status"} for row in changes]
+        links += [{"participant_id": pid, "seq": row["seq"], "link": "message", "message_id": row["id"],
+                   "hash": row["hash"]} for row in messages]
+        yield from sorted(links, key=lambda link: link["seq"] if link["seq"] is not None else -1)
 
 
 def personal_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, Any]]:
@@ -217,9 +241,62 @@ def _tables(conn: sqlite3.Connection, layout: Layout, anonymise: bool
         ("participants", layout.participants, lambda: participant_rows(conn, layout)),
         ("messages", layout.messages, lambda: message_rows(conn, layout)),
     ]
+    tables.append((CHAIN, CHAIN_COLUMNS, lambda: chain_rows(conn, layout)))
     if not anonymise:
         tables.append((PERSONAL, layout.personal, lambda: personal_rows(conn, layout)))
     return tables
+
+
+class _Hashing:
+    """A text stream that keeps the sha256 and size of the UTF-8 bytes written through it."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8")
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.stream.write(text)
+
+
+def write_manifest(stream: IO[str], conn: sqlite3.Connection, layout: Layout, fmt: str, anonymise: bool,
+                   files: Mapping[str, Mapping[str, Any]]) -> None:
+    """MANIFEST.json: the files' hashes, the study digest of this snapshot and (streamed, one line
+    each) every exported participant's chain head."""
+    text = json.dumps(manifest(conn, layout, fmt, anonymise, files), indent=2, ensure_ascii=False)
+    stream.write(text[:-2] + ',\n  "heads": {')
+    for n, row in enumerate(store.chain_heads_of(conn, include_synthetic=layout.include_synthetic)):
+        entry = {"head": row["chain_head"], "links": row["chain_length"], "synthetic": bool(row["synthetic"])}
+        stream.write(("," if n else "") + "\n    " + json.dumps(row["id"], ensure_ascii=False) + ": "
+                     + json.dumps(entry))
+    stream.write("\n  }\n}\n")
+
+
+def manifest(conn: sqlite3.Connection, layout: Layout, fmt: str, anonymise: bool,
+             files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What MANIFEST.json says, but for the chain heads (written after it by `write_manifest`)."""
+    info = store.study_digest(conn)
+    meta = store.meta(conn)
+    return {
+        "manifest": "combot-export-1",
+        "combot_version": __version__,
+        "exported_at": store.now(),
+        "format": fmt,
+        "anonymised": anonymise,
+        "includes_synthetic": layout.include_synthetic,
+        "study_versions": [row["version"] for row in store.study_versions(conn, layout.include_synthetic)],
+        "chain": {"format": chain.FORMAT, "fields": chain.FIELDS, "authoritative_since": meta.get("chain_since"),
+                  "computed_on_upgrade": meta.get("chain_backfilled")},
+        "study_digest": {"digest": info["digest"], "participants": info["participants"], "messages": info["messages"],
+                         "closed_at": info["closed_at"], "closing_digest": info["closing_digest"]},
+        "factor_columns": layout.factors,
+        "score_columns": layout.scores,
+        "message_score_columns": {"experience": "experience_score", **layout.message_scores},
+        "files": dict(files),
+    }
 
 
 def _write_all(conn: sqlite3.Connection, study: Study, anonymise: bool, fmt: str,
@@ -227,18 +304,30 @@ def _write_all(conn: sqlite3.Connection, study: Study, anonymise: bool, fmt: str
     if fmt not in FORMATS:
         raise ExportError(f"unknown format '{fmt}' (expected one of: {', '.join(FORMATS)})")
     counts: dict[str, int] = {}
+    files: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def hashed(name: str) -> Iterator[_Hashing]:
+        with open_text(name) as stream:
+            hashing = _Hashing(stream)
+            yield hashing
+        files[name] = {"sha256": hashing.sha256.hexdigest(), "bytes": hashing.bytes}
+
     with snapshot(conn):
         layout = Layout(study, _stored_param_names(conn), include_synthetic=include_synthetic)
         for name, columns, rows in _tables(conn, layout, anonymise):
-            with open_text(f"{name}.{fmt}") as stream:
-                counts[name] = write_rows(stream, fmt, columns, rows())
+            with hashed(f"{name}.{fmt}") as stream:
+                counts[name] = write_rows(stream, fmt, columns, rows())  # type: ignore[arg-type]
+            files[f"{name}.{fmt}"]["rows"] = counts[name]
         # Every version of the study participants saw, as the text it was served from.
         versions = store.study_versions(conn, include_synthetic)
         for version in versions:
-            with open_text(f"{STUDY_FOLDER}/{version['version']}.toml") as stream:
+            with hashed(f"{STUDY_FOLDER}/{version['version']}.toml") as stream:
                 stream.write(version["text"])
-        with open_text("codebook.md") as stream:
+        with hashed("codebook.md") as stream:
             stream.write(codebook(conn, study, layout, fmt, anonymise, counts, versions))
+        with open_text(MANIFEST) as stream:
+            write_manifest(stream, conn, layout, fmt, anonymise, files)
     return counts
 
 

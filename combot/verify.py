@@ -89,7 +89,11 @@ def verify_database(path: str | Path, expected_digest: str | None = None) -> Rep
     conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        version = store.schema_version(conn)
+        try:
+            version = store.schema_version(conn)
+        except sqlite3.DatabaseError as error:
+            report.fail(None, str(path), f"is not a Combot database ({error})")
+            return report
         if version < store.CHAIN_SCHEMA:
             report.fail(None, "database", f"schema version {version} has no hash chains yet: open it once with this"
                                           " Combot (serve, export or digest) to compute them")
@@ -151,3 +155,198 @@ def _verify_rows(conn: sqlite3.Connection, report: Report) -> None:
 def _compare(report: Report, expected_digest: str | None) -> None:
     if expected_digest and expected_digest.strip().lower() != report.digest:
         report.fail(None, "study digest", f"the data gives {report.digest}, not the expected {expected_digest.strip()}")
+
+
+# --- an export folder -----------------------------------------------------------------------------
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _readings(value: Any, csv_format: bool) -> list[Any]:
+    """What a cell may have been stored as: a CSV cell starting with `'` before a formula character
+    was either neutralised by the export or typed that way."""
+    if csv_format and isinstance(value, str) and value.startswith("'") and value[1:2].startswith(_FORMULA_START) \
+            and value[1:2]:
+        return [value[1:], value]
+    return [value]
+
+
+def _variants(values: Mapping[str, Any], csv_format: bool) -> tuple[dict[str, Any], ...]:
+    import itertools
+
+    names = list(values)
+    options = [_readings(values[name], csv_format) for name in names]
+    return tuple(dict(zip(names, combo)) for combo in itertools.islice(itertools.product(*options), 64))
+
+
+def _read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
+    import csv
+    import json
+
+    if fmt == "csv":
+        with open(path, encoding="utf-8", newline="") as stream:
+            return [dict(row) for row in csv.DictReader(stream)]
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def verify_export(folder: str | Path, expected_digest: str | None = None) -> Report:
+    """Check an export folder: file hashes against MANIFEST.json, every chain from the files, the digest."""
+    import hashlib
+    import json
+
+    folder = Path(folder)
+    report = Report(source=str(folder))
+    try:
+        manifest = json.loads((folder / "MANIFEST.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        report.fail(None, "MANIFEST.json", f"cannot be read ({error})")
+        return report
+    changed = Report(source=str(folder))
+    for name, info in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            changed.fail(None, name, "is listed in MANIFEST.json but missing")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 16), b""):
+                digest.update(block)
+        if digest.hexdigest() != info.get("sha256"):
+            changed.fail(None, name, "its sha256 differs from MANIFEST.json: the file changed after the export")
+    fmt = manifest.get("format", "csv")
+    try:
+        participants = _read_table(folder / f"participants.{fmt}", fmt)
+        messages = _read_table(folder / f"messages.{fmt}", fmt)
+        links = _read_table(folder / f"chain.{fmt}", fmt)
+    except (OSError, ValueError) as error:
+        report.fail(None, "export", f"cannot read its files ({error})")
+        return report
+    _verify_export_chains(report, manifest, fmt, participants, messages, links)
+    if not report.problems:
+        stated = manifest.get("study_digest", {}).get("digest")
+        if stated != report.digest:
+            report.fail(None, "MANIFEST.json", f"states the study digest {stated}, the files give {report.digest}")
+        _compare(report, expected_digest)
+    # The rows first (they name the participant), then the files that changed.
+    report.problems += changed.problems
+    since = manifest.get("chain", {}).get("authoritative_since")
+    if since:
+        report.notes.append(f"chains authoritative since {since}")
+    if manifest.get("anonymised"):
+        report.notes.append("anonymised export: the chains cover no personal data, so it verifies like a full one")
+    return report
+
+
+def _verify_export_chains(report: Report, manifest: Mapping[str, Any], fmt: str, participants: list[dict[str, Any]],
+                          messages: list[dict[str, Any]], links: list[dict[str, Any]]) -> None:
+    csv_format = fmt == "csv"
+    people = {row["participant_id"]: (n, row) for n, row in enumerate(participants, 1)}
+    by_id: dict[str, tuple[int, dict[str, Any]]] = {}
+    order: dict[str, list[tuple[int, str]]] = {}
+    for n, row in enumerate(messages, 1):
+        key = str(row["message_id"])
+        if key in by_id:
+            report.fail(row["participant_id"], f"messages.{fmt} row {n}", f"message {key} appears twice")
+            return
+        by_id[key] = (n, row)
+        order.setdefault(str(row["participant_id"]), []).append((n, key))
+    chains: dict[str, list[dict[str, Any]]] = {}
+    for row in links:
+        chains.setdefault(str(row["participant_id"]), []).append(row)
+    heads_stated = manifest.get("heads", {})
+    heads: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for pid in sorted(set(people) | set(chains) | set(heads_stated), key=lambda p: p.encode("utf-8")):
+        if pid not in people:
+            report.fail(pid, f"participants.{fmt}", "has no row for this participant, whose chain is in the export")
+            return
+        line, person = people[pid]
+        synthetic = person.get("synthetic", 0)
+        values = {name: person.get(name) for name in chain.FIELDS["participant"] if name != "synthetic"}
+        values["synthetic"] = synthetic if synthetic not in (None, "") else 0
+        walked: list[Link] = []
+        expected_messages: list[str] = []
+        for row in chains.get(pid, []):
+            seq = int(row["seq"]) if row.get("seq") not in (None, "") else None
+            kind = row["link"]
+            if kind == "participant":
+                readings = _variants(values, csv_format)
+                walked.append(Link(seq, kind, f"participants.{fmt} row {line}", readings[0], row["hash"] or None,
+                                   readings[1:]))
+            elif kind == "status":
+                walked.append(Link(seq, kind, f"status change at {row['at']} (chain.{fmt}, link {seq})", row,
+                                   row["hash"] or None))
+            else:
+                key = str(row["message_id"])
+                expected_messages.append(key)
+                if key not in by_id:
+                    report.fail(pid, f"message {key}", f"is link {seq} of the chain but missing from messages.{fmt}"
+                                                       " (a deleted row)")
+                    return
+                n, message = by_id[key]
+                used.add(key)
+                message_values = {name: message.get(name) for name in chain.FIELDS["message"]}
+                message_values["scores"] = _scores(message, manifest.get("message_score_columns", {}))
+                readings = _variants(message_values, csv_format)
+                walked.append(Link(seq, kind, f"message {key} (messages.{fmt} row {n})", readings[0],
+                                   row["hash"] or None, readings[1:]))
+        head, count, intact = walk(report, pid, walked)
+        if not intact:
+            return
+        stated = heads_stated.get(pid, {})
+        if head != stated.get("head") or count != stated.get("links"):
+            report.fail(pid, f"chain.{fmt}", f"the chain has {count} links ending in {head}; MANIFEST.json states"
+                                             f" {stated.get('links')} ending in {stated.get('head')}")
+            return
+        present = [key for _, key in order.get(pid, [])]
+        if present != expected_messages:
+            for (n, key), wanted in zip(order.get(pid, []) + [(0, "")] * len(expected_messages),
+                                        expected_messages + [""] * len(present)):
+                if key != wanted:
+                    what = (f"message {key} is in no chain (an added row)" if key and key not in expected_messages
+                            else f"message {key} is out of its chain's order (a re-ordered row)" if key
+                            else f"message {wanted} is missing")
+                    report.fail(pid, f"messages.{fmt} row {n}" if n else f"messages.{fmt}", what)
+                    return
+        last = next((row for row in reversed(chains.get(pid, [])) if row["link"] == "status"), None)
+        reason = _derived_columns(manifest, person, last)
+        if reason:
+            report.fail(pid, f"participants.{fmt} row {line}", reason)
+            return
+        if not chain.value_text(values["synthetic"]) or chain.value_text(values["synthetic"]) == "0":
+            heads.append((pid, head or ""))
+            report.participants += 1
+            report.messages += len(expected_messages)
+    stray = [(n, key) for key, (n, _) in by_id.items() if key not in used]
+    if stray:
+        n, key = min(stray)
+        report.fail(by_id[key][1].get("participant_id"), f"messages.{fmt} row {n}", f"message {key} is in no chain")
+        return
+    report.digest = chain.digest(heads)
+
+
+def _derived_columns(manifest: Mapping[str, Any], person: Mapping[str, Any], last: Mapping[str, Any] | None
+                     ) -> str | None:
+    """Columns of participants that the chain does not cover itself must agree with what it covers."""
+    if last is not None:
+        for name in ("status", "problem_type", "finished_at", "described_experience"):
+            if name in person and chain.value_text(person.get(name)) != chain.value_text(last.get(name)):
+                return f"its `{name}` differs from the last status change of its chain"
+        scores = dict(pair.split(":", 1) for pair in (chain.value_text(last.get("scores")) or "").split(",") if pair)
+        for label, column in manifest.get("score_columns", {}).items():
+            shown = chain.value_text(person.get(column))
+            if (shown is None) != (label not in scores) or (shown is not None and float(shown) != float(scores[label])):
+                return f"its `{column}` differs from the scores in the last status change of its chain"
+    factors = manifest.get("factor_columns", {})
+    cell = chain.value_text(person.get("cell"))
+    if cell and factors and "-".join(str(person.get(column) or "") for column in factors.values()) != cell:
+        return "its factor columns do not spell its `cell`"
+    return None
+
+
+def _scores(row: Mapping[str, Any], columns: Mapping[str, str]) -> str | None:
+    """A message's scores as the chain encodes them, read back from the export's score columns."""
+    scores = {label: float(row[column]) for label, column in columns.items()
+              if row.get(column) not in (None, "")}
+    return chain.scores_text(scores)

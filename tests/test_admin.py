@@ -159,7 +159,8 @@ def test_the_download_is_a_zip_of_the_export(client: Client) -> None:
     assert "attachment" in full.headers["content-disposition"]
     names = zipfile.ZipFile(io.BytesIO(full.content)).namelist()
     versions = [n for n in names if n.startswith("study/")]
-    assert sorted(set(names) - set(versions)) == ["codebook.md", "messages.csv", "participants.csv", "personal.csv"]
+    assert sorted(set(names) - set(versions)) == ["MANIFEST.json", "chain.csv", "codebook.md", "messages.csv",
+                                                        "participants.csv", "personal.csv"]
     assert len(versions) == 1 and versions[0].endswith(".toml")
     anonymous = zipfile.ZipFile(io.BytesIO(c.get("/admin/export.zip?anonymise=1", headers=bearer()).content))
     assert "personal.csv" not in anonymous.namelist()

@@ -55,3 +55,19 @@ def test_the_digest_is_rfc6962_over_sorted_leaves() -> None:
     assert chain.digest([]) == hashlib.sha256(b"").hexdigest()
     assert chain.digest(heads[:1]) == h(b"\x00" + chain.leaf("p3", "cc" * 32)).hex()
     assert chain.digest([("p1", "aa" * 32), ("p2", "bb" * 32)]) != chain.digest([("p1", "bb" * 32), ("p2", "aa" * 32)])
+
+
+def _reference(items: list[bytes]) -> bytes:
+    """RFC 6962 section 2.1, written as the RFC says it."""
+    if len(items) == 1:
+        return hashlib.sha256(b"\x00" + items[0]).digest()
+    k = 1
+    while k * 2 < len(items):
+        k *= 2
+    return hashlib.sha256(b"\x01" + _reference(items[:k]) + _reference(items[k:])).digest()
+
+
+def test_the_one_pass_merkle_root_equals_the_rfc_definition() -> None:
+    for n in range(1, 40):
+        items = [f"leaf {i}".encode() for i in range(n)]
+        assert chain.merkle_root(iter(items)) == _reference(items).hex(), n

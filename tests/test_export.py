@@ -92,7 +92,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_participants_have_one_row_each_with_factors_scores_and_times(filled: Callable[[], sqlite3.Connection],
                                                                       study: Study, tmp_path: Path) -> None:
     counts = export.export_to_dir(filled(), study, tmp_path / "out")
-    assert counts == {"participants": 3, "messages": 2 * len(TRICKY) + 2 + 1 + 2 + 1, "personal": 3}
+    assert counts == {"participants": 3, "messages": 2 * len(TRICKY) + 2 + 1 + 2 + 1, "chain": counts["chain"],
+                      "personal": 3}
     rows = {r["participant_id"]: r for r in read_csv(tmp_path / "out" / "participants.csv")}
     assert list(rows["p1"]) == ["participant_id", "cell", "cell_number", "brand", "think", "feel", "problem_type",
                                 "score_A", "score_B", "score_C", "score_Other", "described_experience", "reprompts",
@@ -161,7 +162,7 @@ def test_personal_data_is_separate_and_left_out_when_anonymised(filled: Callable
     counts = export.export_to_dir(conn, study, tmp_path / "anon", anonymise=True)
     assert "personal" not in counts
     files = sorted(p.name for p in (tmp_path / "anon").iterdir())
-    assert files == ["codebook.md", "messages.csv", "participants.csv"]
+    assert files == ["MANIFEST.json", "chain.csv", "codebook.md", "messages.csv", "participants.csv"]
     everything = "".join(p.read_text() for p in (tmp_path / "anon").iterdir())
     for secret in ("pp-1", "pp-3", "s-1", "evil@example.com", "TestBrowser"):
         assert secret not in everything
@@ -174,7 +175,7 @@ def test_the_codebook_describes_every_column_and_value(filled: Callable[[], sqli
                                                        tmp_path: Path) -> None:
     export.export_to_dir(filled(), study, tmp_path / "out")
     book = (tmp_path / "out" / "codebook.md").read_text()
-    for name in ("participants", "messages", "personal"):
+    for name in ("participants", "messages", "personal", "chain"):
         with open(tmp_path / "out" / f"{name}.csv", encoding="utf-8", newline="") as stream:
             for column in next(csv.reader(stream)):
                 assert f"`{column}`" in book, column
@@ -199,7 +200,8 @@ def test_zip_holds_the_same_files(filled: Callable[[], sqlite3.Connection], stud
     target = io.BytesIO()
     export.export_to_zip(filled(), study, target, anonymise=True)
     with zipfile.ZipFile(target) as archive:
-        assert sorted(archive.namelist()) == ["codebook.md", "messages.csv", "participants.csv"]
+        assert sorted(archive.namelist()) == ["MANIFEST.json", "chain.csv", "codebook.md", "messages.csv",
+                                              "participants.csv"]
         rows = list(csv.DictReader(io.StringIO(archive.read("participants.csv").decode("utf-8"), newline="")))
     assert len(rows) == 3
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -9,13 +11,22 @@ from typing import Any, Callable, Mapping
 
 import pytest
 
-from combot import chain, store, verify
+from click.testing import CliRunner
+
+from combot import __version__, export, store, verify
+from combot.cli import cli
 from combot.errors import CollectionClosed
 from combot.store import NewMessage, Turn
+from combot.study import load_study
+from tests.conftest import DEFAULT_STUDY
 
 
-def _choose(label: str = "x-y", number: int = 1) -> Callable[[Mapping[str, int]], tuple[str, int, dict[str, str], str]]:
-    return lambda counts: (label, number, dict(zip("fg", label.split("-"))), "balanced")
+STUDY = load_study(DEFAULT_STUDY, environ={})
+
+
+def _choose(n: int = 0) -> Callable[[Mapping[str, int]], tuple[str, int, dict[str, str], str]]:
+    cell = STUDY.cells()[n % len(STUDY.cells())]
+    return lambda counts: (STUDY.cell_label(cell), STUDY.cell_number(cell), cell, "balanced")
 
 
 def _greet(factors: Mapping[str, str]) -> tuple[dict[str, Any], list[NewMessage]]:
@@ -37,9 +48,11 @@ def study_db(tmp_path: Path) -> Callable[..., Path]:
     def make(participants: int = 3, name: str = "study.db") -> Path:
         path = tmp_path / name
         conn = store.connect(path)
+        store.record_study_version(conn, version="v1", text="[study]\n", combot_version=__version__,
+                                   head_sha256="0" * 64, encoder_sha256="0" * 64)
         for n in range(participants):
             pid = f"p{n:02d}"
-            store.create_participant(conn, participant_id=pid, token=f"tok-{pid}", choose_cell=_choose(),
+            store.create_participant(conn, participant_id=pid, token=f"tok-{pid}", choose_cell=_choose(n),
                                      greet=_greet, consented=n % 2 == 0, study_version="v1")
             store.record_turn(conn, _turn(pid, 0, f"my kettle broke ({n})", classify=True))
             store.record_turn(conn, _turn(pid, 1, "=SUM(A1) it was bad", status="finished" if n % 2 else "started"))
@@ -93,7 +106,8 @@ def test_every_row_carries_its_link_and_each_participant_its_head(study_db: Call
      "participant p01, message"),
     ("DELETE FROM messages WHERE id = (SELECT min(id) FROM messages WHERE participant_id = 'p01' AND turn = 1)", (),
      "participant p01, message"),
-    ("UPDATE participants SET cell = 'y-x', cell_number = 2 WHERE id = 'p02'", (), "participant p02, participant row"),
+    ("UPDATE participants SET cell = 'basic-high-low', cell_number = 2 WHERE id = 'p02'", (),
+     "participant p02, participant row"),
     ("UPDATE messages SET seq = CASE seq WHEN 3 THEN 4 ELSE 3 END WHERE participant_id = 'p00' AND seq IN (3, 4)", (),
      "participant p00, message"),
     ("UPDATE participants SET status = 'finished' WHERE id = 'p00'", (), "participant p00, participant row"),
@@ -239,3 +253,131 @@ def _chatter(path: str, worker: int) -> None:
             await handle.close()
 
     asyncio.run(run())
+
+
+# --- an export folder -----------------------------------------------------------------------------
+
+@pytest.fixture
+def exported(study_db: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """exported(fmt, anonymise) -> an export folder of a fresh study database."""
+    def make(fmt: str = "csv", anonymise: bool = False) -> Path:
+        name = f"{fmt}-{'anon' if anonymise else 'full'}"
+        conn = store.connect(study_db(name=f"{name}.db"))
+        export.export_to_dir(conn, STUDY, tmp_path / name, fmt=fmt, anonymise=anonymise)
+        conn.close()
+        return tmp_path / name
+    return make
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as stream:
+        return list(csv.reader(stream))
+
+
+def _write(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as stream:
+        csv.writer(stream, lineterminator="\r\n").writerows(rows)
+
+
+@pytest.mark.parametrize("fmt, anonymise", [("csv", False), ("jsonl", False), ("csv", True)])
+def test_an_untouched_export_verifies_against_the_database_digest(exported: Callable[..., Path], fmt: str,
+                                                                   anonymise: bool) -> None:
+    folder = exported(fmt, anonymise)
+    database = folder.parent / f"{folder.name}.db"
+    report = verify.verify_export(folder)
+    assert report.ok, report.problems
+    assert report.digest == verify.verify_database(database).digest
+    assert (report.participants, report.messages) == (4, 15)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["combot_version"] == __version__ and manifest["study_versions"] == ["v1"]
+    assert set(manifest["files"]) >= {f"participants.{fmt}", f"messages.{fmt}", f"chain.{fmt}", "codebook.md"}
+    assert (f"personal.{fmt}" in manifest["files"]) is not anonymise
+    assert manifest["heads"]["p00"]["links"] == 8 and manifest["study_digest"]["digest"] == report.digest
+    assert verify.verify_export(folder, expected_digest=report.digest).ok
+    assert not verify.verify_export(folder, expected_digest="ab" * 32).ok
+
+
+def _edit_text(rows: list[list[str]]) -> None:
+    header = rows[0]
+    row = next(r for r in rows if r[0] == "p01" and "kettle" in r[header.index("text")])
+    row[header.index("text")] = row[header.index("text")].replace("kettle", "kett1e")
+
+
+def _delete_message(rows: list[list[str]]) -> None:
+    rows.remove(next(r for r in rows if r[0] == "p01" and r[3] == "participant"))
+
+
+def _swap_cell(rows: list[list[str]]) -> None:
+    header = rows[0]
+    row = next(r for r in rows if r[0] == "p02")
+    other = next(r for r in rows[1:] if r[0] != "p02" and r[header.index("cell")] != row[header.index("cell")])
+    for column in ("cell", "cell_number", "brand", "think", "feel"):
+        row[header.index(column)] = other[header.index(column)]
+
+
+def _reorder(rows: list[list[str]]) -> None:
+    first = next(n for n, r in enumerate(rows) if r[0] == "p00" and r[3] == "participant")
+    rows[first], rows[first + 1] = rows[first + 1], rows[first]
+
+
+@pytest.mark.parametrize("file, change, where", [
+    ("messages.csv", _edit_text, "participant p01, message"),
+    ("messages.csv", _delete_message, "participant p01, message"),
+    ("participants.csv", _swap_cell, "participant p02, participants.csv row 3"),
+    ("messages.csv", _reorder, "participant p00, message"),
+])
+def test_tampering_with_an_export_is_found_and_named(exported: Callable[..., Path], file: str,
+                                                     change: Callable[[list[list[str]]], None], where: str) -> None:
+    folder = exported()
+    rows = _rows(folder / file)
+    change(rows)
+    _write(folder / file, rows)
+    report = verify.verify_export(folder)
+    assert not report.ok
+    assert str(report.problems[0]).startswith(where), report.problems
+    assert any(p.row == file and "sha256" in p.reason for p in report.problems)
+
+
+def test_an_export_rehashed_to_match_itself_still_fails_the_published_digest(exported: Callable[..., Path]) -> None:
+    folder = exported()
+    published = verify.verify_export(folder).digest
+    rows = _rows(folder / "participants.csv")
+    rows.pop()  # a participant left out, and MANIFEST.json rewritten to match
+    _write(folder / "participants.csv", rows)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    dropped = next(pid for pid in manifest["heads"] if pid not in {r[0] for r in rows})
+    del manifest["heads"][dropped]
+    chain_rows = [r for r in _rows(folder / "chain.csv") if r[0] != dropped]
+    _write(folder / "chain.csv", chain_rows)
+    messages = [r for r in _rows(folder / "messages.csv") if r[0] != dropped]
+    _write(folder / "messages.csv", messages)
+    for name in ("participants.csv", "chain.csv", "messages.csv"):
+        manifest["files"][name]["sha256"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    manifest["study_digest"]["digest"] = verify.verify_export(folder).digest
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert verify.verify_export(folder).ok  # consistent with itself ...
+    assert not verify.verify_export(folder, expected_digest=published).ok  # ... but not what was published
+
+
+def test_the_verify_and_digest_commands(exported: Callable[..., Path]) -> None:
+    folder = exported()
+    database = folder.parent / f"{folder.name}.db"
+    runner = CliRunner()
+    printed = runner.invoke(cli, ["digest", "--database", str(database)])
+    assert printed.exit_code == 0, printed.output
+    digest = printed.output.split()[2]
+    assert "covers 4 participants and 15 messages" in printed.output
+    for path in (database, folder):
+        result = runner.invoke(cli, ["verify", str(path), "--digest", digest])
+        assert result.exit_code == 0 and "intact: 4 participants and 15 messages" in result.output, result.output
+    rows = _rows(folder / "messages.csv")
+    _edit_text(rows)
+    _write(folder / "messages.csv", rows)
+    result = runner.invoke(cli, ["verify", str(folder)])
+    assert result.exit_code == 1 and "NOT INTACT: participant p01, message" in result.output
+    closed = runner.invoke(cli, ["digest", "--close", "--yes", "--database", str(database)])
+    assert closed.exit_code == 0 and f"closing digest {digest}" in closed.output
+    not_a_database = folder / "codebook.md"
+    result = runner.invoke(cli, ["verify", str(not_a_database)])
+    assert result.exit_code == 1 and "is not a Combot database" in result.output
