@@ -37,7 +37,8 @@ def _turn(pid: str, version: int, text: str, status: str = "started", classify: 
     return Turn(participant_id=pid, expected_version=version, turn=version + 1,
                 incoming=NewMessage("participant", "message", text, client_message_id=f"c{version}", stage="chat",
                                     expects="message", scores={"A": 0.75, "B": 0.25} if classify else None),
-                replies=[NewMessage("bot", "question", f"about '{text}'?", "script", latency_ms=4)],
+                replies=[NewMessage("bot", "question", f"about '{text}'?", "script", latency_ms=4, compute_ms=4,
+                                    shown_ms=1500)],
                 state={"stage": "chat"}, status=status, problem_type="A" if classify else None,
                 scores={"A": 0.75, "B": 0.25} if classify else None, described_experience=True if classify else None)
 
@@ -120,6 +121,8 @@ def test_every_row_carries_its_link_and_each_participant_its_head(study_db: Call
      "participant p01, message"),
     ("UPDATE participants SET described_experience = 0 WHERE id = 'p02'", (), "participant p02, participant row"),
     ("UPDATE participants SET synthetic = 1 WHERE id = 'p02'", (), "participant p02, participant row"),
+    ("UPDATE messages SET shown_ms = 900 WHERE participant_id = 'p02' AND shown_ms = 1500", (),
+     "participant p02, message"),
     ("UPDATE participants SET study_version = 'other' WHERE id = 'p02'", (), "participant p02, participant row"),
     ("INSERT INTO messages (participant_id, turn, sender, kind, text, created_at) VALUES ('p01', 9, 'bot',"
      " 'question', 'added later', '2026-01-01T00:00:00.000Z')", (), "participant p01, message"),
