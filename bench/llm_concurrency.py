@@ -243,8 +243,8 @@ def show(result: dict[str, Any]) -> str:
 
 def fake_pid() -> int:
     """The fake LLM's process: this process's only child before any server starts."""
-    children = worker_pids(os.getpid())
-    return children[-1] if children else 0
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return int(children[-1]) if children else 0
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from combot.bench import worker_pids
+
 TICKS = os.sysconf("SC_CLK_TCK")
 TEXTS = [
     "I bought a blender from an online shop and it stopped working after three days. The motor just died.",
@@ -91,10 +93,8 @@ class Server:
                 raise RuntimeError((workdir / "server.log").read_text())
             time.sleep(0.1)
         deadline = time.monotonic() + 30
-        while True:  # the worker process (not multiprocessing's resource tracker)
-            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-            workers = [int(pid) for pid in children
-                       if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        while True:
+            workers = worker_pids(self.process.pid)
             if workers or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

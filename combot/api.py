@@ -16,7 +16,6 @@ from starlette.routing import Route
 
 from combot import consent, embed, engine, openapi, recruitment, store, synthetic
 from combot.assignment import choose_cell
-from combot.classifier import classify_async
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
 from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
 from combot.replies import bot_messages, delays_ms, hold, hold_repeat, start_early, timed
@@ -181,7 +180,7 @@ async def post_message(request: Request) -> Response:
     early = start_early(res, participant, factors, state, text, seed, values)
     try:
         if engine.needs_classification(state):
-            verdict = await classify_async(res.classifier, text, res.inference)
+            verdict = await res.batcher.classify(text)
             problem, scores, described = verdict.label, verdict.scores, verdict.described
             # Every opening attempt keeps its scores, the opener head's P(experience) with them.
             attempt_scores = dict(scores) | ({"experience": verdict.experience} if verdict.experience is not None

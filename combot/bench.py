@@ -429,7 +429,7 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
                 raise RuntimeError(f"the server exited with {process.returncode}:\n" + (workdir / "server.log").read_text())
             try:
                 if httpx.get(url + "healthz", timeout=2).status_code == 200 and \
-                        sum(_is_worker(pid) for pid in worker_pids(process.pid)) >= workers:
+                        len(worker_pids(process.pid)) >= workers:
                     break
             except httpx.HTTPError:
                 pass
@@ -456,11 +456,35 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
         log.close()
 
 
-def worker_pids(parent: int) -> list[int]:
+def _children(pid: int) -> list[int]:
     try:
-        return [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The server's worker processes: forked by its forkserver, or (spawn) its own children."""
+    workers = []
+    for child in _children(parent):
+        command = _cmdline(child)
+        if b"forkserver" in command:
+            workers += _children(child)
+        elif b"spawn_main" in command:
+            workers.append(child)
+    return workers
+
+
+def helper_pids(parent: int) -> list[int]:
+    """The supervisor's other children: the forkserver and multiprocessing's resource tracker."""
+    return [child for child in _children(parent) if b"spawn_main" not in _cmdline(child)]
 
 
 def _kb_field(path: str, name: str) -> float:
@@ -482,23 +506,16 @@ def pss_mb(pid: int) -> float:
     return _kb_field(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
-def _is_worker(pid: int) -> bool:
-    try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def memory(parent: int) -> dict[str, Any]:
-    """RSS of the supervisor, each worker, and helpers such as multiprocessing's resource tracker."""
-    children = {pid: rss_mb(pid) for pid in worker_pids(parent)}
-    workers = [mb for pid, mb in children.items() if _is_worker(pid)]
-    helpers = sum(mb for pid, mb in children.items() if not _is_worker(pid))
-    # RSS counts the shared libraries (onnxruntime, numpy, Python: ~40 MB) once per worker; PSS
-    # shares them out, so its total is what the server really occupies.
-    return {"supervisor_mb": rss_mb(parent), "workers_mb": workers, "helpers_mb": helpers,
-            "total_mb": rss_mb(parent) + sum(children.values()),
-            "total_pss_mb": pss_mb(parent) + sum(pss_mb(pid) for pid in children)}
+    """RSS of the supervisor, each worker, and helpers (the forkserver, the resource tracker)."""
+    workers = worker_pids(parent)
+    helpers = helper_pids(parent)
+    # RSS counts shared pages (libraries, the forkserver's imports, the mapped classifier weights)
+    # once per process; PSS shares them out, so its total is what the server really occupies.
+    return {"supervisor_mb": rss_mb(parent), "workers_mb": [rss_mb(pid) for pid in workers],
+            "helpers_mb": sum(rss_mb(pid) for pid in helpers),
+            "total_mb": rss_mb(parent) + sum(rss_mb(pid) for pid in workers + helpers),
+            "total_pss_mb": pss_mb(parent) + sum(pss_mb(pid) for pid in workers + helpers)}
 
 
 def verify(database: Path, people: list[Participant]) -> dict[str, int]:

@@ -352,3 +352,51 @@ async def classify_async(
     loop = asyncio.get_running_loop()
     results = await loop.run_in_executor(executor, classifier.classify, [text])
     return results[0]
+
+
+class Batcher:
+    """One worker's classifications: those that wait together go to the model as one batch.
+
+    A text goes to the inference thread at once (with any that arrived in the same turn of the event
+    loop); texts that arrive while it is busy wait, and all of them go together the moment it is
+    free (up to `max_batch`). Nobody waits for
+    company, and under a burst each batch costs ~20% less CPU per text than the texts one by one
+    (bench/classifier_bench.py). Each caller gets the classification of its own text.
+    """
+
+    def __init__(self, classifier: Classifier, executor: concurrent.futures.Executor | None = None,
+                 max_batch: int = 16):
+        self.classifier = classifier
+        self.executor = executor
+        self.max_batch = max_batch
+        self._waiting: list[tuple[str, asyncio.Future[Classification]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def classify(self, text: str) -> Classification:
+        future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
+        self._waiting.append((text, future))
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                batch = [(text, future) for text, future in batch if not future.done()]  # cancelled meanwhile
+                if not batch:
+                    continue
+                try:
+                    results = await loop.run_in_executor(self.executor, self.classifier.classify,
+                                                         [text for text, _ in batch])
+                except Exception as error:  # noqa: BLE001 - every caller of the batch gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                else:
+                    for (_, future), result in zip(batch, results, strict=True):
+                        if not future.done():
+                            future.set_result(result)
+        finally:
+            self._drainer = None

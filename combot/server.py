@@ -101,22 +101,38 @@ def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any 
     asyncio_worker(config, sockets, shutdown_event)
 
 
+def worker_context() -> Any:
+    """Workers are forked from a forkserver that has imported what they all need (combot.preload),
+    so those pages are shared; where there is no forkserver (not Linux/macOS), fresh interpreters."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["combot.preload"])
+    return ctx
+
+
 def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     """Run the server until SIGTERM or SIGINT; returns the exit code. `study` is stamped (its version set)."""
     store.check_database(options.database)
-    # Workers are fresh interpreters (spawn): they learn the study and database from the environment.
+    # Workers learn the study and database from the environment (and the arguments, see study_env).
     if options.config_path:
         os.environ["COMBOT_CONFIG"] = str(Path(options.config_path).resolve())
     else:
         os.environ.pop("COMBOT_CONFIG", None)
     # Every resolved setting goes to the workers through its environment variable, so flags the
     # user passed here win there too.
+    worker_env = {"COMBOT_CONFIG": os.environ.get("COMBOT_CONFIG", "")}
     for opt in OPTIONS:
         value = study.settings[f"{opt.section}.{opt.name}"]
-        os.environ[opt.env_name] = opt.to_env(value)
-    os.environ["COMBOT_DB"] = str(options.database.resolve())
+        os.environ[opt.env_name] = worker_env[opt.env_name] = opt.to_env(value)
+    os.environ["COMBOT_DB"] = worker_env["COMBOT_DB"] = str(options.database.resolve())
+    # numpy's OpenBLAS would start a thread per core at import (in the forkserver, before forking);
+    # the classifier's head is one small matrix product.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-    study_env = {"COMBOT_STUDY_TEXT": study.version_text, "COMBOT_STUDY_VERSION": study.version,
+    # Handed to each worker with its arguments, not only through the environment: a forkserver keeps
+    # the environment it started with, and the study text may pass an environment string's 128 KiB.
+    study_env = {**worker_env, "COMBOT_STUDY_TEXT": study.version_text, "COMBOT_STUDY_VERSION": study.version,
                  "COMBOT_STUDY_HEAD_SHA256": study.head_sha256, "COMBOT_STUDY_ENCODER_SHA256": study.encoder_sha256}
     config = hypercorn_config(options)
     # One socket, bound here and shared with the workers: without SO_REUSEPORT (which Hypercorn sets
@@ -127,7 +143,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     except OSError as error:
         raise preflight.port_refusal(error, options.host, options.port) from None
     config.workers = options.workers
-    ctx = multiprocessing.get_context("spawn")
+    ctx = worker_context()
     shutdown_event = ctx.Event()
     first_ready = ctx.Event()
     stopping = False

@@ -158,6 +158,9 @@ OPTIONS: tuple[Option, ...] = (
            " (the last of [study] problem_types).", float),
     Option("classifier", "max_length", 128, "Tokens after which a message is truncated.", int),
     Option("classifier", "threads", 1, "Threads per inference (onnxruntime intra_op_num_threads).", int),
+    Option("classifier", "max_batch", 16, "First messages waiting in a worker are classified together, up to this"
+           " many (1: one by one; a batch's scores differ from one-by-one ones by ~0.002, as the int8 model"
+           " quantizes per batch).", int),
     Option("classifier", "weights_cache", "~/.cache/combot", "Folder for a copy of the encoder whose weights every"
            " worker memory-maps from one file, so they are held once, not once per worker ('': each worker loads"
            " its own).", str, "COMBOT_WEIGHTS_CACHE"),

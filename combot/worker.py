@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.requests import Request
 
 from combot import store
 from combot.assets import Assets
-from combot.classifier import Classifier, default_model_dir, get_classifier
+from combot.classifier import Batcher, Classifier, default_model_dir, get_classifier
 from combot.llm import ChatModel
 from combot.errors import TooManyRequests
 from combot.proxy import client_address
@@ -35,6 +35,12 @@ class Resources:
     starts: RateLimiter | None = None
     # The study's recent LLM reply times, for "matched" reply timing (None: not needed).
     latencies: RecentLatencies | None = None
+    # First messages waiting together are classified as one batch on the inference thread.
+    batcher: Batcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = Batcher(self.classifier, self.inference,
+                               max_batch=max(1, self.study.settings["classifier.max_batch"]))
 
 
 def resources(request: Request) -> Resources:

@@ -286,3 +286,51 @@ def test_the_opener_head_rebuilds_the_same(tmp_path: Path) -> None:
     assert built["meta"]["no_experience_above"] == pytest.approx(shipped["meta"]["no_experience_above"], abs=1e-9)
     assert np.allclose(built["weights"], shipped["weights"], atol=1e-5)
     assert (tmp_path / "OPENERS.md").read_text() == (MODEL_DIR / "OPENERS.md").read_text()
+
+
+def test_texts_waiting_together_are_classified_as_one_batch_each_with_its_own_label(shipped: Classifier) -> None:
+    texts = [text for label in ("A", "B", "C", "Other") for text in CLEAR[label]] * 3
+    calls: list[int] = []
+
+    class Counting(Classifier):
+        def classify(self, texts_: list[str]) -> list[Classification]:  # type: ignore[override]
+            calls.append(len(texts_))
+            return super().classify(texts_)
+
+    counting = Counting(shipped.encoder, shipped.head, threshold=shipped.threshold)
+    alone = {text: shipped.classify([text])[0] for text in texts}
+
+    async def burst() -> list[Classification]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = clf_module.Batcher(counting, pool, max_batch=8)
+            together = list(await asyncio.gather(*(batcher.classify(text) for text in texts)))
+            await batcher.classify(texts[0])  # a text on its own goes at once, alone
+            return together
+
+    results = asyncio.run(burst())
+    # Those waiting together went in batches of at most 8.
+    assert calls[:-1] == [8, 8, 8] and calls[-1] == 1
+    for text, result in zip(texts, results):
+        assert result.label == alone[text].label
+        # Not bit-identical: the int8 encoder quantizes its activations per batch.
+        assert result.scores == pytest.approx(alone[text].scores, abs=0.01)
+
+
+def test_a_failed_batch_fails_each_of_its_callers_and_the_next_one_works(shipped: Classifier) -> None:
+    class Flaky(Classifier):
+        failures = 1
+
+        def classify(self, texts_: list[str]) -> list[Classification]:  # type: ignore[override]
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("inference failed")
+            return super().classify(texts_)
+
+    async def run() -> tuple[list[object], Classification]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = clf_module.Batcher(Flaky(shipped.encoder, shipped.head), pool)
+            first = await asyncio.gather(*(batcher.classify(t) for t in CLEAR["A"]), return_exceptions=True)
+            return list(first), await batcher.classify(CLEAR["B"][0])
+
+    first, later = asyncio.run(run())
+    assert [type(r) for r in first] == [RuntimeError, RuntimeError] and later.label == "B"

@@ -464,10 +464,9 @@ def test_the_real_server_uses_the_llm_in_every_worker(live_server: Callable[...,
 def _classified_once_the_llm_was_asked(fake: FakeLLM, label: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The classifier answers `label`, but only after the fake LLM has received a request: a first
     message whose LLM call waited for the classification would never get an answer."""
-    import combot.api
-    from combot.classifier import Classification
+    from combot.classifier import Batcher, Classification
 
-    async def classify(classifier: object, text: str, executor: object = None) -> Classification:
+    async def classify(batcher: object, text: str) -> Classification:
         async with httpx.AsyncClient() as http:
             for _ in range(1000):
                 if (await http.get(fake.root + "/_fake/stats")).json()["requests"] >= 1:
@@ -476,7 +475,7 @@ def _classified_once_the_llm_was_asked(fake: FakeLLM, label: str, monkeypatch: p
                 await asyncio.sleep(0.01)
         raise AssertionError("the LLM was not asked before the classification finished")
 
-    monkeypatch.setattr(combot.api, "classify_async", classify)
+    monkeypatch.setattr(Batcher, "classify", classify)
 
 
 def test_the_first_llm_call_starts_before_the_classification_ends_and_is_used(

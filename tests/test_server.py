@@ -16,14 +16,14 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from combot import bench
 from tests.conftest import LiveServer, free_port, walk_conversation
 
 pytestmark = pytest.mark.slow
 
 
 def worker_pids(server: LiveServer) -> set[int]:
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    return {int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
+    return set(bench.worker_pids(server.process.pid))
 
 
 def test_whole_conversations_over_loopback_land_in_the_database(live_server: Callable[..., LiveServer]) -> None:
@@ -294,3 +294,13 @@ def test_half_a_certificate_is_refused(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "combot", "serve", "--certfile", str(cert), "--port", str(free_port()),
                            "--database", str(tmp_path / "x.db")], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--certfile and --keyfile" in done.stderr
+
+
+def test_what_the_forkserver_preloads_starts_no_thread_and_leaves_onnxruntime_out() -> None:
+    """Workers are forked from the process that imported combot.preload: forking a process with a
+    second thread (onnxruntime starts one at import) could leave a child holding a lock forever."""
+    probe = ("import os, sys, combot.preload; "
+             "print(len(os.listdir('/proc/self/task')), 'onnxruntime' in sys.modules, 'sqlite_utils' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["1", "False", "False"]

@@ -1,0 +1,28 @@
+"""What every worker imports, imported once by the forkserver the workers are forked from.
+
+The supervisor stays small (it never imports these); the forkserver process imports them, and
+each worker forked from it starts with their pages shared copy-on-write instead of importing its
+own copy (~29 MB per worker: Starlette, Hypercorn, numpy, tokenizers, httpx and Combot itself).
+
+Forking is safe only from a process with one thread and nothing open that a child could inherit
+half-used. These imports start no thread (numpy's OpenBLAS is held to one by the supervisor's
+environment) and open nothing. onnxruntime is left out on purpose: importing it starts a thread
+(onnxruntime 1.32), so each worker imports it after the fork, and the classifier session, the
+database connections and the event loop are likewise made in each worker.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import httpx  # noqa: F401
+import hypercorn.asyncio.run  # noqa: F401
+import numpy  # noqa: F401
+import tokenizers  # noqa: F401
+
+import combot.classifier  # noqa: F401
+import combot.web  # noqa: F401
+
+# Objects that exist now live as long as the process: keep the garbage collector from writing to
+# their pages (which would copy them into every worker).
+gc.freeze()
