@@ -118,8 +118,8 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         ("finished_at", "timestamp", "when the e-mail address was accepted; empty when not finished"),
         ("last_active_at", "timestamp", "the participant's last stored message (or `started_at`)"),
         ("seconds_spent", "number", "`finished_at` (or `last_active_at` when not finished) minus `started_at`"),
-        ("turns", "integer", "participant messages stored, the e-mail answer and any rejected e-mail attempt"
-                             " included"),
+        ("turns", "integer", "participant messages stored, the e-mail answer, any rejected e-mail attempt and"
+                             " any re-prompted opening message included"),
         ("assignment", "text", "how the cell was chosen: `balanced` (the least-filled cell, ties at random) or"
                                " `random` (a plain draw); `(seed N)` when a seed makes the sequence reproducible."
                                f" Filled counted as: `{study.fill}`"
