@@ -169,9 +169,13 @@ def transcript_flags(study: Study, cell: Mapping[str, Any], transcript: Mapping[
                                  f" participant's own words {_quote(answered[-1]['text'], 60)}", label,
                                  transcripts=[tid]))
     if cell.get("followups") == "questions" and any(m.get("kind") == "paraphrase" for m in bots):
-        out.append(_flag("warning", "catch_all", "a question cell answered with paraphrases: the first message"
-                         f" was filed as {transcript.get('problem_type') or study.catch_all!r} (the catch-all), so this"
-                         " participant got no scripted questions", label, transcripts=[tid]))
+        filed = transcript.get("problem_type") or study.catch_all
+        meant = transcript.get("persona_problem")
+        why = (f"the persona's complaint is of type {meant!r}, so the classifier misfiled it" if meant and meant != filed
+               else "as designed for a complaint of that type, but the manipulation does not reach such participants")
+        out.append(_flag("warning", "catch_all", f"a question cell answered with paraphrases: the first message was"
+                         f" filed as {filed!r} (the catch-all), so this participant got no scripted questions ({why})",
+                         label, transcripts=[tid]))
     if transcript.get("error"):
         out.append(_flag("error", "conversation", f"the conversation failed: {transcript['error']}", label,
                          transcripts=[tid]))
@@ -252,6 +256,7 @@ def build(study: Study, options: PilotOptions, collected: Sequence[tuple[Convers
         entry["transcripts"].append({
             "id": f"c{entry['number']}-{len(entry['transcripts']) + 1}",
             "slot": conv.slot, "persona": conv.persona.key, "persona_summary": conv.persona.summary,
+            "persona_problem": conv.persona.problem,
             "player": conv.player, "participant_id": conv.participant_id or None,
             "problem_type": row.get("problem_type"), "status": row.get("status"),
             "expects": conv.expects, "error": conv.error, "player_fallbacks": conv.player_fallbacks,

@@ -141,6 +141,8 @@ def test_each_kind_of_flag_from_one_conversation() -> None:
     assert _kinds(pilot_report.transcript_flags(study, low, fallback)) == {"fallback"}
     # The same paraphrase in a question cell: the catch-all reached a participant of a question cell.
     assert _kinds(pilot_report.transcript_flags(study, cell, fallback)) == {"fallback", "catch_all"}
+    misfiled = {**fallback, "persona_problem": "A", "problem_type": "Other"}
+    assert any("classifier misfiled it" in f["message"] for f in pilot_report.transcript_flags(study, cell, misfiled))
 
 
 def test_a_factor_whose_levels_show_the_same_texts() -> None:
