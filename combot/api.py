@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from combot import consent, embed, engine, openapi, recruitment, store, synthetic
+from combot import accesslog, consent, embed, engine, openapi, recruitment, store, synthetic
 from combot.assignment import choose_cell
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
 from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
@@ -131,18 +131,20 @@ async def _stale(res: Resources, participant: Any, error: str) -> Response:
     return JSONResponse(body, status_code=409, headers={"Cache-Control": "no-store"})
 
 
-async def _participant(res: Resources, token: str) -> Any:
+async def _participant(res: Resources, token: str, request: Request | None = None) -> Any:
     if not 10 <= len(token) <= 100:
         raise NotFound("no such session")
     row = await res.store.read(store.participant_by_token, token)
     if row is None:
         raise NotFound("no such session")
+    if request is not None:  # the logs name the participant, never the token (combot/accesslog.py)
+        request.scope[accesslog.SCOPE_KEY] = row["id"]
     return row
 
 
 async def get_session(request: Request) -> Response:
     res = resources(request)
-    participant = await _participant(res, request.path_params["session_id"])
+    participant = await _participant(res, request.path_params["session_id"], request)
     return await _session_response(res, participant)
 
 
@@ -155,7 +157,7 @@ async def post_message(request: Request) -> Response:
     text = message_text(data, study.settings["server.max_message_chars"])
     client_id = client_message_id(data)
     claimed = claimed_turn(data)
-    participant = await _participant(res, token)
+    participant = await _participant(res, token, request)
     values = recruitment.link_values(participant)
 
     # A repeat is answered from what was stored the first time, whatever the turn now is.

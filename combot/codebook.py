@@ -159,7 +159,9 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
         ("turn", "integer", "0: the greeting; k: the participant's k-th message and the bot's replies to it"),
         ("sender", "text", "`bot` or `participant`"),
         ("kind", "text", "what the message is; see Kinds below"),
-        ("text", "text", "exactly what was shown or sent (newlines kept; see Spreadsheets below)"),
+        ("text", "text", "exactly what was shown or sent (newlines kept; see Spreadsheets below)"
+                         + ("; e-mail addresses and phone numbers typed into it are replaced by `[email]` and"
+                            " `[phone]` (--anonymise)" if anonymise else "")),
         ("produced_by", "text", "how the text was made; see below"),
         ("model", "text", "the language model's name when `produced_by` is `llm`"),
         ("latency_ms", "integer", "how long this reply's text took: for `produced_by` = `llm` the language"
@@ -207,8 +209,10 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
 
     if anonymise:
         out += ["## personal data\n", "Left out of this export (--anonymise): no e-mail addresses, platform ids, URL"
-                " parameters or browser strings. Message texts are as participants typed them and may still hold"
-                " what they chose to write about themselves.\n"]
+                " parameters or browser strings. In message texts, e-mail addresses are replaced by `[email]` and phone"
+                " numbers (7 to 15 digits; dates and amounts are kept) by `[phone]`; otherwise texts are as"
+                " participants typed them and may still hold what they chose to write about themselves (names,"
+                " places).\n"]
     else:
         personal = [
             ("participant_id", "text", "the participant (see participants)"),

@@ -43,6 +43,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from combot import __version__, chain, store
 from combot.codebook import codebook
+from combot.redact import redact
 from combot.errors import CombotError
 from combot.settings import Settings
 from combot.study import Study
@@ -93,9 +94,11 @@ PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 class Layout:
     """The columns of each file for this study: fixed ones plus one per factor, score and URL parameter."""
 
-    def __init__(self, study: Study, extra_params: Iterable[str] = (), include_synthetic: bool = False):
+    def __init__(self, study: Study, extra_params: Iterable[str] = (), include_synthetic: bool = False,
+                 anonymise: bool = False):
         taken = set(PARTICIPANT_FIXED) | {"synthetic"}
         self.include_synthetic = include_synthetic
+        self.anonymise = anonymise
         self.factors = {name: _column_name(name, taken, "factor_") for name in study.factors}
         self.scores = {label: _column_name("score_" + label, taken, "x_") for label in study.problem_types}
         self.participants = (PARTICIPANT_FIXED[:3] + tuple(self.factors.values()) + PARTICIPANT_FIXED[3:4]
@@ -164,7 +167,8 @@ def message_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str,
             f" created_at, stage, expects, scores FROM messages{where} ORDER BY participant_id, id"):
         scores = json.loads(row["scores"]) if row["scores"] else {}
         out = {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
-               "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
+               "sender": row["sender"], "kind": row["kind"],
+               "text": redact(row["text"]) if layout.anonymise else row["text"], "produced_by": row["produced_by"],
                "model": row["model"], "latency_ms": row["latency_ms"], "compute_ms": row["compute_ms"],
                "shown_ms": row["shown_ms"], "fallback_reason": row["fallback_reason"],
                "timestamp": row["created_at"], "stage": row["stage"], "expects": row["expects"],
@@ -314,7 +318,7 @@ def _write_all(conn: sqlite3.Connection, study: Study, anonymise: bool, fmt: str
         files[name] = {"sha256": hashing.sha256.hexdigest(), "bytes": hashing.bytes}
 
     with snapshot(conn):
-        layout = Layout(study, _stored_param_names(conn), include_synthetic=include_synthetic)
+        layout = Layout(study, _stored_param_names(conn), include_synthetic=include_synthetic, anonymise=anonymise)
         for name, columns, rows in _tables(conn, layout, anonymise):
             with hashed(f"{name}.{fmt}") as stream:
                 counts[name] = write_rows(stream, fmt, columns, rows())  # type: ignore[arg-type]

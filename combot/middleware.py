@@ -8,6 +8,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from combot.accesslog import public_path
+
 log = logging.getLogger("combot")
 
 
@@ -32,7 +34,7 @@ class RequestTimeout:
         try:
             await asyncio.wait_for(self.app(scope, receive, tracking_send), self.seconds)
         except asyncio.TimeoutError:
-            log.warning("request %s %s timed out after %.0f s", scope.get("method"), scope.get("path"), self.seconds)
+            log.warning("request %s %s timed out after %.0f s", scope.get("method"), public_path(scope), self.seconds)
             if not started:
                 response = JSONResponse({"error": "the server took too long to answer; please try again"}, 503)
                 await response(scope, receive, send)

@@ -22,6 +22,7 @@ import sqlite3
 from typing import Any, Mapping
 
 from combot import store
+from combot.accesslog import public_path
 from combot.study import Study
 
 log = logging.getLogger("combot.monitor")
@@ -66,7 +67,7 @@ async def _record(scope: Any, status: int, detail: str) -> None:
     if resources is None:
         return
     try:
-        await resources.store.run(store.record_event, "error", path=f"{scope.get('method', '')} {scope['path']}",
+        await resources.store.run(store.record_event, "error", path=f"{scope.get('method', '')} {public_path(scope)}",
                                   status=status, detail=detail, pid=os.getpid())
     except Exception:  # the store may be what failed; the error is in the log either way
         log.warning("could not record a server error for the dashboard", exc_info=True)

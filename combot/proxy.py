@@ -51,7 +51,10 @@ class TrustedProxies:
 
         await ProxyFixMiddleware(keep, mode="legacy", trusted_hops=1)(
             {key: scope[key] for key in ("type", "headers", "client", "scheme") if key in scope}, receive, send)
-        await self.app({**scope, **fixed}, receive, send)
+        # In place, not a copy: what the app notes in the scope (the participant id the access log
+        # shows instead of a session token, combot/accesslog.py) must reach the server's logger.
+        scope.update(fixed)
+        await self.app(scope, receive, send)
 
 
 def client_address(request: Request) -> str:

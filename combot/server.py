@@ -22,6 +22,7 @@ from typing import Any
 from hypercorn.config import Config
 
 from combot import preflight, store
+from combot.accesslog import PrivateLogger
 from combot.settings import OPTIONS
 from combot.study import Study
 
@@ -63,6 +64,7 @@ def hypercorn_config(options: ServeOptions) -> Config:
     if options.access_log:
         config.accesslog = options.access_log
     config.errorlog = "-"
+    config.logger_class = PrivateLogger  # participant ids, never session tokens or query strings
     if options.certfile:
         # Hypercorn's own TLS (and HTTP/2 through ALPN); the certificate is read by each worker.
         config.certfile = str(Path(options.certfile).resolve())

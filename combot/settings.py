@@ -133,7 +133,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "request_timeout", 60.0, "Seconds before a request is answered with 503.", float),
     Option("server", "graceful_timeout", 30.0, "Seconds in-flight requests get to finish on shutdown.", float),
     Option("server", "max_requests", 0, "Recycle a worker after this many requests (0: never).", int),
-    Option("server", "access_log", "-", "Access log file ('-': standard error, '': off)."),
+    Option("server", "access_log", "-", "Access log file ('-': standard output, '': off); it names participants by id, never by session"
+           " token."),
     Option("server", "trusted_hosts", ["*"], "Host headers to accept (e.g. study.example.org).", list),
     Option("server", "max_message_chars", 2000, "Longest participant message, in characters.", int),
     Option("server", "max_body_bytes", 16384, "Largest request body, in bytes.", int),

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 
-from combot import __version__, admin, api, assets, consent, monitor, store, versioning
+from combot import __version__, accesslog, admin, api, assets, consent, monitor, store, versioning
 from combot.errors import CombotError
 from combot.llm import create_llm
 from combot.middleware import RequestTimeout, SecurityHeaders
@@ -54,7 +54,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.exception("unexpected error on %s %s", request.method, accesslog.public_path(request.scope))
     return JSONResponse({"error": "something went wrong on the server; please try again"}, status_code=500)
 
 

@@ -282,3 +282,22 @@ def test_serve_prints_the_admin_address_and_a_new_token_once(live_server: Callab
     time.sleep(0.5)
     assert token not in second.output() and str(token_file) in second.output()
     assert httpx.get(second.url + "admin/api/stats", headers=bearer(token)).status_code == 200
+
+
+def test_a_failed_request_is_recorded_with_the_participant_id_never_the_session_token(
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from combot import api
+
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    session = c.post("/api/sessions", json={}).json()["session_id"]
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the LLM adapter fell over")
+
+    monkeypatch.setattr(api, "bot_messages", broken)
+    assert c.post(f"/api/sessions/{session}/messages", json={"text": "My parcel never came."}).status_code == 500
+    with sqlite3.connect(tmp_path / "web.db") as conn:
+        (pid,) = conn.execute("SELECT id FROM participants").fetchone()
+        paths = [row[0] for row in conn.execute("SELECT path FROM events")]
+    assert paths == [f"POST /api/sessions/{pid}/messages"]
+    assert session not in paths[0]

@@ -263,3 +263,22 @@ def test_any_text_survives_a_csv_round_trip_neutralised_and_only_then(texts: lis
     back = list(csv.DictReader(io.StringIO(buffer.getvalue(), newline="")))
     assert [r["a"] for r in back] == [("'" + t if t.startswith(("=", "+", "-", "@", "\t", "\r")) else t) for t in texts]
     assert [r["b"] for r in back] == [str(len(t)) for t in texts]
+
+
+def test_anonymise_replaces_addresses_and_phone_numbers_typed_into_the_chat(study: Study, tmp_path: Path) -> None:
+    conn = store.connect(tmp_path / "study.db")
+    add_participant(conn, study, "p1", ["They broke my kettle. Call me on +44 20 7946 0958 or mail jo@home.example.org",
+                                       "It arrived on 2024-05-01 and cost 45.99"], email="jo@home.example.org")
+    conn.close()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", "--anonymise", "--database", str(tmp_path / "study.db"),
+                                 "--out", str(tmp_path / "anon")])
+    assert result.exit_code == 0, result.output
+    texts = [r["text"] for r in read_csv(tmp_path / "anon" / "messages.csv")]
+    assert "They broke my kettle. Call me on [phone] or mail [email]" in texts
+    assert "It arrived on 2024-05-01 and cost 45.99" in texts
+    everything = "".join(p.read_text() for p in (tmp_path / "anon").rglob("*") if p.is_file())
+    assert "7946" not in everything and "jo@home" not in everything
+    assert "`[email]`" in (tmp_path / "anon" / "codebook.md").read_text()
+    result = runner.invoke(cli, ["export", "--database", str(tmp_path / "study.db"), "--out", str(tmp_path / "full")])
+    assert any("+44 20 7946 0958" in r["text"] for r in read_csv(tmp_path / "full" / "messages.csv"))

@@ -304,3 +304,19 @@ def test_what_the_forkserver_preloads_starts_no_thread_and_leaves_onnxruntime_ou
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert out.stdout.split() == ["1", "False", "False"]
+
+
+def test_the_access_log_names_participants_never_their_session_tokens(live_server: Callable[..., LiveServer],
+                                                                       tmp_path: Path) -> None:
+    access = tmp_path / "access.log"
+    server = live_server(workers=1, extra=["--access-log", str(access)])
+    with httpx.Client(timeout=30) as client:
+        seen = walk_conversation(client, server.url, params={"PROLIFIC_PID": "pp-secret-123"})
+        client.get(server.url + "api/sessions/not-a-real-session-token")
+    assert server.stop() == 0
+    log = access.read_text()
+    with sqlite3.connect(server.database) as conn:
+        (pid,) = conn.execute("SELECT id FROM participants").fetchone()
+    assert f"POST /api/sessions/{pid}/messages" in log and f"GET /api/sessions/[unknown session]" in log
+    assert seen["session_id"] not in log and "pp-secret-123" not in log and "not-a-real-session-token" not in log
+    assert seen["session_id"] not in server.output()
