@@ -180,6 +180,26 @@ def test_the_html_is_self_contained_and_escapes_everything() -> None:
     assert 'href="#t-c1-1"' in page and 'id="t-c1-1"' in page, "each flag links to its transcript"
 
 
+def test_the_command_exits_non_zero_on_an_error_flag_and_writes_both_reports(
+        tmp_path: Path, study_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run itself is stubbed here (the slow tests below run real servers): this checks the wiring.
+    from combot import pilot as pilot_module
+
+    def no_participants(study: Any, options: PilotOptions, say: Callable[[str], None]) -> dict[str, Any]:
+        return pilot_report.build(study, options, [], {}, 0.1)
+
+    monkeypatch.setattr(pilot_module, "run_pilot", no_participants)
+    broken = study_file(replace={FEEL_LOW_EMPTY: f'when = {{ feel = "low" }}\ntext = "{EMPATHY}"'})
+    out, as_json = tmp_path / "r.html", tmp_path / "r.json"
+    result = CliRunner().invoke(cli, ["pilot", "--config", str(broken), "--out", str(out), "--json", str(as_json)])
+    assert result.exit_code == 1, result.output
+    assert "same_levels" in result.output and out.read_text().startswith("<!doctype html>")
+    assert [(f["severity"], f["kind"], f["factor"]) for f in json.loads(as_json.read_text())["flags"]] == [
+        ("error", "same_levels", "feel")]
+    clean = CliRunner().invoke(cli, ["pilot", "--config", str(study_file(name="ok.toml")), "--out", str(out)])
+    assert clean.exit_code == 0, clean.output
+
+
 # --- real pilots of a real server ---------------------------------------------------------------------
 
 def _pilot(study_path: Path, **options: Any) -> dict[str, Any]:
