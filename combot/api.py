@@ -219,7 +219,7 @@ async def post_message(request: Request) -> Response:
         now = await res.store.read(store.participant_by_token, token)
         return await _stale(res, now, "this conversation has moved on in another window; here it is as it is now")
     # Stored first (nothing is lost if this worker dies now), then held until the reply is due.
-    await hold(started, stored.replies)
+    await hold(stored.replies)
     return _turn_response(study, stored, values, participant)
 
 

@@ -177,10 +177,10 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
                                 " timing below): the turn's first reply at the later of `compute_ms` and its"
                                 " designed delay, each further reply of the turn its own typing delay after the one"
                                 " before. Decided before the turn is stored and never updated: the server stores"
-                                " every message before it answers, then holds the answer until the first reply is"
-                                " due; when the commit itself ends later (always in mode `none`, by the commit's"
-                                " few milliseconds) the reply leaves that much later than `shown_ms`. Network time"
-                                " to the participant's browser is not included. Empty where `compute_ms` is"),
+                                " every message before it answers, then holds the answer for `shown_ms` minus"
+                                " `compute_ms` more, so every reply leaves the server the commit's own few"
+                                " milliseconds after `shown_ms` (in every cell and mode alike). Network time to"
+                                " the participant's browser is not included. Empty where `compute_ms` is"),
         ("fallback_reason", "text", "why a scripted or template text stood in for a language model (e.g. a"
                                     " timeout); empty otherwise"),
         ("timestamp", "timestamp", "when the message was stored"),

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from combot import store
 from combot.accesslog import public_path
+from combot.reply_times import reply_times
 from combot.study import Study
 
 log = logging.getLogger("combot.monitor")
@@ -247,6 +248,7 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
 
     thresholds = {"memory_percent": cfg["memory_warn_percent"], "reply_seconds": cfg["reply_warn_seconds"],
                   "success_percent": cfg["success_warn_percent"]}
+    timing = reply_times(conn, study, since, cfg["timing_drift_percent"])
     return {
         "generated_at": store.now(), "title": study.title, "active_minutes": study.active_minutes,
         "cells": sorted(cells.values(), key=lambda c: (c["number"] is None, c["number"] or 0, c["cell"])),
@@ -254,7 +256,8 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
         "replies": replies,
         "timeline": timeline, "workers": workers, "memory": memory, "thresholds": thresholds,
         "versions": versions, "synthetic_left_out": synthetic,
-        "warnings": warnings(memory, replies, thresholds) + version_warnings(versions),
+        "reply_timing": timing,
+        "warnings": warnings(memory, replies, thresholds) + version_warnings(versions) + timing["warnings"],
     }
 
 

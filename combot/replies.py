@@ -117,12 +117,14 @@ async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[st
     return [replace(r, compute_ms=compute_ms, shown_ms=due) for r, due in zip(replies, shown)]
 
 
-async def hold(started: float, replies: Sequence[Any]) -> None:
-    """Wait (an idle coroutine, no thread) until the turn's first reply is due: `started` plus its
-    `shown_ms`. The later replies of the turn are paced by the client from their `delay_ms`."""
-    due = replies[0]["shown_ms"] if replies else None
-    if due is not None:
-        wait = started + min(due / 1000, MAX_SECONDS) - time.perf_counter()
+async def hold(replies: Sequence[Any]) -> None:
+    """Right after the turn is stored, wait (an idle coroutine, no thread) out the rest of the first
+    reply's designed delay: `shown_ms - compute_ms`. The commit's own few milliseconds thus come on
+    top of `shown_ms` for every reply in every cell alike, so a held reply matches an LLM reply,
+    which is committed just as long after it was ready. The turn's later replies are paced by the
+    client from their `delay_ms`."""
+    if replies and replies[0]["shown_ms"] is not None and replies[0]["compute_ms"] is not None:
+        wait = min(replies[0]["shown_ms"] - replies[0]["compute_ms"], MAX_SECONDS * 1000) / 1000
         if wait > 0:
             await asyncio.sleep(wait)
 

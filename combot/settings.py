@@ -216,6 +216,8 @@ OPTIONS: tuple[Option, ...] = (
            "COMBOT_ADMIN_REPLY_WARN_SECONDS"),
     Option("admin", "success_warn_percent", 95.0, "Warn when fewer requests than this succeed.", float,
            "COMBOT_ADMIN_SUCCESS_WARN_PERCENT"),
+    Option("admin", "timing_drift_percent", 25.0, "Warn when a cell's median reply time is this far from that of"
+           " the other cells with the same reply timing.", float, "COMBOT_ADMIN_TIMING_DRIFT_PERCENT"),
 )
 
 SECTIONS = sorted({o.section for o in OPTIONS})
@@ -252,6 +254,7 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "llm.breaker_failures": (0, None), "llm.breaker_cooldown": (0.1, None),
     "admin.window_minutes": (1, 7 * 24 * 60), "admin.memory_warn_percent": (0, 100),
     "admin.reply_warn_seconds": (0, None), "admin.success_warn_percent": (0, 100),
+    "admin.timing_drift_percent": (1, None),
 }
 
 

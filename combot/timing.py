@@ -109,23 +109,27 @@ class RecentLatencies:
     """The study's recent successful LLM reply times (ms), as one worker sees them.
 
     Read from the database at most every `refresh` seconds; a request that finds the sample stale
-    starts a reload in the background and uses the sample it has (only the very first waits).
+    starts a reload in the background and uses the sample it has. While the sample is empty (a new
+    study, or one whose LLM has not answered lately) it is read at most every `empty_refresh`
+    seconds and the request waits for that read, so the first LLM replies are used at once.
     """
 
-    def __init__(self, load: Callable[[], Awaitable[Sequence[int]]], refresh: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, load: Callable[[], Awaitable[Sequence[int]]], refresh: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, empty_refresh: float = 0.5):
         self._load = load
         self.refresh = refresh
+        self.empty_refresh = empty_refresh
         self.clock = clock
         self._values: tuple[int, ...] = ()
         self._loaded_at: float | None = None
         self._pending: asyncio.Task[None] | None = None
 
     async def get(self) -> tuple[int, ...]:
-        if self._loaded_at is None or self.clock() - self._loaded_at >= self.refresh:
+        every = self.refresh if self._values else self.empty_refresh
+        if self._loaded_at is None or self.clock() - self._loaded_at >= every:
             if self._pending is None:
                 self._pending = asyncio.get_running_loop().create_task(self._reload())
-            if self._loaded_at is None:
+            if not self._values:
                 await asyncio.shield(self._pending)
         return self._values
 

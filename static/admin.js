@@ -121,6 +121,41 @@
     box.replaceChildren(chart);
   }
 
+  // A cell's shown reply times as a small histogram (100 ms buckets, the last one "10 s or more").
+  function sparkline(histogram, bucketMs) {
+    var width = 200, height = 28;
+    var max = histogram.reduce(function (m, n) { return Math.max(m, n); }, 0) || 1;
+    var step = width / histogram.length;
+    var chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", class: "spark" });
+    chart.appendChild(svg("title", {})).textContent = "Replies shown per " + bucketMs + " ms, 0 to " +
+      histogram.length * bucketMs / 1000 + " s";
+    histogram.forEach(function (n, i) {
+      if (!n) return;
+      var h = Math.max(1, (height - 2) * n / max);
+      chart.appendChild(svg("rect", { x: i * step, y: height - h, width: Math.max(1, step - 0.5), height: h,
+        class: "spark__bar" }));
+    });
+    return chart;
+  }
+
+  function drawTiming(timing, windowMinutes) {
+    $("timing-window").textContent = "over the last " + windowMinutes + " minutes";
+    var rows = timing.cells.map(function (c) {
+      var tr = make("tr", c.drifts ? "drifts" : "");
+      tr.appendChild(make("td", "num", c.number));
+      tr.appendChild(make("td", "cell", c.cell));
+      tr.appendChild(make("td", "design", c.design));
+      tr.appendChild(make("td", "num", c.turns));
+      tr.appendChild(make("td", "num", seconds(c.shown_p50_ms) + " / " + seconds(c.shown_p90_ms)));
+      tr.appendChild(make("td", "num", seconds(c.compute_p50_ms) + " / " + seconds(c.compute_p90_ms)));
+      var td = make("td", "bars");
+      if (c.turns) td.appendChild(sparkline(c.histogram, c.bucket_ms));
+      tr.appendChild(td);
+      return tr;
+    });
+    $("timing").replaceChildren.apply($("timing"), rows);
+  }
+
   function drawWorkers(workers, memory, threshold) {
     var total = memory.total_bytes || 1;
     var rows = workers.map(function (w) {
@@ -170,6 +205,7 @@
     setText("fallbacks", r.fallbacks);
     drawTimeline(data.timeline, r.window_minutes, data.generated_at);
     drawWorkers(data.workers, data.memory, data.thresholds.memory_percent);
+    if (data.reply_timing) drawTiming(data.reply_timing, r.window_minutes);
     var warnings = data.warnings.map(function (w) { return make("p", "warning", w); });
     $("warnings").replaceChildren.apply($("warnings"), warnings);
     $("updated").textContent = "Updated " + new Date().toLocaleTimeString() + " · refreshes every " + REFRESH_MS / 1000 + " s";

@@ -161,6 +161,30 @@ def test_the_sample_is_read_once_per_refresh_and_in_the_background() -> None:
     asyncio.run(go())
 
 
+def test_an_empty_sample_is_read_again_soon_and_waited_for() -> None:
+    now = [0.0]
+    stored: list[int] = []
+    loads: list[int] = []
+
+    async def load() -> list[int]:
+        loads.append(1)
+        return list(stored)
+
+    async def go() -> None:
+        latencies = RecentLatencies(load, refresh=5.0, empty_refresh=0.5, clock=lambda: now[0])
+        assert await latencies.get() == ()
+        now[0] = 0.4
+        assert await latencies.get() == () and len(loads) == 1  # not on every request
+        stored.append(980)  # the study's first LLM reply
+        now[0] = 0.5
+        assert await latencies.get() == (980,)  # waited for: used at once
+        stored.append(1010)
+        now[0] = 1.0
+        assert await latencies.get() == (980,) and len(loads) == 2  # a sample: every 5 s again
+
+    asyncio.run(go())
+
+
 def test_the_store_gives_the_latest_llm_reply_times(tmp_path: Path) -> None:
     conn = store.connect(tmp_path / "t.db")
     conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at)"
@@ -218,3 +242,25 @@ def test_the_server_holds_each_turn_and_the_page_gets_each_replys_delay(
             assert shown_ms == max(compute_ms, 200)
         else:
             assert shown_ms == firsts[reply_to] + 200
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_the_confound_with_mode_none() -> None:
+    """bench/timing_matched.py at a small size: the statistic is computed from real client timings and
+    finds the scripted cells faster than the LLM ones when nothing matches them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("timing_matched", Path(__file__).parent.parent / "bench" / "timing_matched.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.run(["none", "matched"], users=8, warmup=2, think_time=0.2, llm_latency=0.5, workers=2, seed=3)
+    none, matched = report["modes"]["none"], report["modes"]["matched"]
+    for result in (none, matched):
+        assert result["n_high"] >= 8 and result["n_low"] >= 8
+        assert 0 <= result["ks_p"] <= 1 and 0 <= result["mann_whitney_p"] <= 1
+    # Scripted replies take milliseconds, the fake LLM half a second: unmistakable, however busy the machine.
+    assert none["median_ratio"] < 0.5 and none["ks_p"] < 0.01
+    assert none["compute_median_high_ms"] < none["compute_median_low_ms"]
+    # Matched: the scripted replies were held (their compute stays small, what the client saw did not).
+    assert matched["compute_median_high_ms"] < 200 <= matched["median_high_ms"]
