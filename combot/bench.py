@@ -130,19 +130,25 @@ class Histogram:
         self.count += other.count
         self.total += other.total
 
-    def percentile(self, q: float) -> float:
-        if not self.count:
-            return float("nan")
-        rank = q / 100 * (self.count - 1)
+    def _nth(self, k: int) -> float:
+        """The k-th smallest sample (from 0), as the middle of its bucket; the largest exactly."""
+        if k >= self.count - 1:
+            return self.max
         seen = 0
         for index, n in enumerate(self.counts):
             seen += n
-            if seen > rank:
-                if index == 0:
-                    return self.LOW
-                # the middle of the bucket (geometric), never beyond the largest sample
-                return min(self.max, self.LOW * self.RATIO ** (index - 0.5))
+            if seen > k:
+                return self.LOW if index == 0 else min(self.max, self.LOW * self.RATIO ** (index - 0.5))
         return self.max
+
+    def percentile(self, q: float) -> float:
+        """Interpolated between the two nearest ranks, as numpy's default does."""
+        if not self.count:
+            return float("nan")
+        rank = q / 100 * (self.count - 1)
+        low = int(rank)
+        below = self._nth(low)
+        return below + (self._nth(low + 1) - below) * (rank - low) if rank > low else below
 
     def summary(self) -> dict[str, float]:
         return {"count": self.count, "p50": self.percentile(50), "p95": self.percentile(95),
@@ -553,17 +559,21 @@ def compute_times(database: Path) -> dict[str, dict[str, float]]:
     """The server's own compute time per kind of turn (from the stored `compute_ms`), beside the
     client-measured reply times, which also hold the designed reply timing."""
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-    by_kind: dict[str, list[float]] = {}
-    for turn, kind, ms in conn.execute(
+    by_kind: dict[str, Histogram] = {}
+    every = Histogram()
+    try:
+        rows = conn.execute(
             "SELECT p.turn, p.kind, max(r.compute_ms) FROM messages p JOIN messages r ON r.reply_to = p.id"
-            " WHERE p.sender = 'participant' AND r.compute_ms IS NOT NULL GROUP BY p.id"):
+            " WHERE p.sender = 'participant' AND r.compute_ms IS NOT NULL GROUP BY p.id").fetchall()
+    except sqlite3.OperationalError:  # a server from before compute_ms (bench/ab.py runs old checkouts)
+        rows = []
+    for turn, kind, ms in rows:
         label = "e-mail" if kind == "email" else "first message" if turn == 1 else "follow-up"
-        by_kind.setdefault(label, []).append(ms / 1000)
+        by_kind.setdefault(label, Histogram()).add(ms / 1000)
+        every.add(ms / 1000)
     conn.close()
-    every = [s for values in by_kind.values() for s in values]
-    return {kind: {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-                   "p99": percentile(values, 99), "max": max(values), "mean": statistics.fmean(values)}
-            for kind, values in list(by_kind.items()) + [("every reply", every)] if values}
+    return {kind: histogram.summary() for kind, histogram in [*by_kind.items(), ("every reply", every)]
+            if histogram.count}
 
 
 @dataclass

@@ -43,6 +43,11 @@ def test_histograms_merge_and_an_empty_one_has_no_percentiles() -> None:
     assert a.counts == both.counts and a.count == both.count and a.max == both.max
     empty = bench.Histogram()
     assert empty.summary()["count"] == 0 and empty.percentile(95) != empty.percentile(95)  # NaN
+    few = bench.Histogram()
+    for value in (0.010, 0.079, 0.162):
+        few.add(value)
+    # Interpolated between ranks, as numpy does: 0.079 + 0.9 * (0.162 - 0.079), within the bucket width.
+    assert few.percentile(95) == pytest.approx(0.1537, rel=0.011) and few.percentile(100) == 0.162
 
 
 def test_the_client_reads_lengths_and_chunks_and_reconnects_after_the_server_closes_an_idle_connection() -> None:
@@ -98,6 +103,9 @@ def test_first_messages_wait_until_every_session_exists_and_everything_sent_is_s
     data = bench.verify(Path(server.database), people)
     assert data["messages_missing"] == 0 and data["messages_found"] == data["messages_expected"] > 12 * 2
     assert data["integrity_ok"]
+    compute = bench.compute_times(Path(server.database))
+    assert compute["first message"]["count"] == 12 and compute["every reply"]["count"] == 12
+    assert 0 <= compute["first message"]["p50"] <= compute["first message"]["max"]
 
     people, _, load = asyncio.run(bench.run_load(server.url, 4, 0.0, "full", 0.0, 4, show_progress=False))
     report = bench.summarise(people, 1.0, load)
