@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from combot import recruitment, store, synthetic
+from combot import embed, recruitment, store, synthetic
 from combot.errors import BadRequest, NotFound
 from combot.parsing import client_key, read_json
 from combot.study import Study
@@ -60,8 +60,10 @@ async def post_decline(request: Request) -> Response:
         user_agent=request.headers.get("user-agent", ""), url_params=params,
         platform_id=recruitment.platform_id(params, study.settings), client_key=key,
         study_version=study.version, synthetic=is_synthetic)
-    return JSONResponse({"declined": True, "text": study.settings["consent.declined_text"]},
-                        status_code=201 if created else 200, headers={"Cache-Control": "no-store"})
+    body = {"declined": True, "text": study.settings["consent.declined_text"],
+            # An embedded page tells its survey that the person declined, so the survey can go on.
+            **embed.page_fields(study.settings, None, done=False)}
+    return JSONResponse(body, status_code=201 if created else 200, headers={"Cache-Control": "no-store"})
 
 
 def routes() -> list[Route]:

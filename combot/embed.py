@@ -3,8 +3,9 @@ tells that the conversation is over.
 
 `[embed] frame_ancestors` lists origins (`https://*.qualtrics.com`). Only the chat page carries
 them, as CSP `frame-ancestors`; with none listed it still refuses every frame, and /admin always
-does. The page posts `{type: "combot:done", participant_id}` to its parent only when the parent's
-origin matches that list (never to "*"), so no other page learns the participant's id.
+does. The page posts `{type: "combot:done", participant_id}` (or `{type: "combot:declined"}` after a
+decline on the consent page) to its parent only when the parent's origin matches that list (never to
+"*"), so no other page learns the participant's id.
 """
 
 from __future__ import annotations

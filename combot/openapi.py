@@ -138,6 +138,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Declined": _closed({
         "declined": {"type": "boolean", "const": True},
         "text": {"type": "string"},
+        "embed_origins": _EMBED["embed_origins"],
     }, ["declined", "text"]),
     "Health": _closed({
         "status": {"type": "string", "enum": ["ok", "error"]},

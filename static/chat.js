@@ -408,14 +408,17 @@
 
   // At the end, tell the framing page (a Qualtrics question waiting to show its Next button), addressed
   // to its exact origin and only when the study allows that origin: never "*", which any page could read.
+  function postToParent(message, origins) {
+    var origin = parentOrigin();
+    if (!origin || !originAllowed(origin, Array.isArray(origins) ? origins : [])) return;
+    try {
+      window.parent.postMessage(message, origin);
+    } catch (e) { /* the parent went away */ }
+  }
+
   function tellParent(data) {
     if (!data || data.expects !== "done" || typeof data.participant_id !== "string") return;
-    var origins = Array.isArray(data.embed_origins) ? data.embed_origins : [];
-    var origin = parentOrigin();
-    if (!origin || !originAllowed(origin, origins)) return;
-    try {
-      window.parent.postMessage({ type: "combot:done", participant_id: data.participant_id }, origin);
-    } catch (e) { /* the parent went away */ }
+    postToParent({ type: "combot:done", participant_id: data.participant_id }, data.embed_origins);
   }
 
   function setTurn(turn) {
@@ -755,6 +758,8 @@
       el.declined.textContent = typeof answer.data.text === "string" && answer.data.text
         ? answer.data.text : state.declinedText || "Thank you. You can close this page now.";
       el.declined.hidden = false;
+      // Inside a survey: it may go on without the chat.
+      postToParent({ type: "combot:declined" }, answer.data.embed_origins);
     } catch (error) {
       setConsentBusy(false);
       showNotice("Sorry, that did not go through. Please check your internet connection and try again.",

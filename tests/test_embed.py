@@ -61,6 +61,18 @@ def test_the_end_carries_the_participant_id_for_the_parent(client: Client, tmp_p
     assert c.get(f"/api/sessions/{session['session_id']}").json()["participant_id"] == stored
 
 
+def test_without_embedding_a_decline_says_only_that(client: Client) -> None:
+    consent = {"COMBOT_CONSENT": "true"}
+    plain = client(environ=consent).post("/api/declines", json={}).json()
+    assert set(plain) == {"declined", "text"}
+
+
+def test_a_decline_carries_the_origins_when_embedded(client: Client) -> None:
+    answer = client(environ={**QUALTRICS, "COMBOT_CONSENT": "true"}).post("/api/declines", json={}).json()
+    assert answer["embed_origins"] == ["https://*.qualtrics.com", "https://survey.example.edu:8443"]
+    assert "participant_id" not in answer
+
+
 def test_an_origin_that_is_not_one_names_the_line(study_file: Callable[..., Path]) -> None:
     bad = 'frame_ancestors = ["https://*.qualtrics.com", "*"]'
     path = study_file(replace={"frame_ancestors = []": bad})
@@ -167,3 +179,28 @@ def test_a_survey_page_frames_the_chat_and_hears_the_end(live_server: Callable[.
     finally:
         allowed.close()
         stranger.close()
+
+
+@pytest.mark.slow
+def test_a_decline_inside_the_survey_lets_it_go_on(live_server: Callable[..., Any], browser: Any) -> None:
+    survey_site = SurveyPages("127.0.0.2")
+    try:
+        server = live_server(workers=1, env={**os.environ, "COMBOT_FRAME_ANCESTORS": survey_site.origin,
+                                             "COMBOT_CONSENT": "true"})
+        combot = server.url.rstrip("/")
+        survey_site.pages["/survey"] = SURVEY_PAGE.replace("CHAT", server.url + "?participant_label=R_declines").replace(
+            "SNIPPET", readme_snippet().replace("https://study.example.org", combot))
+        context = browser.new_context(service_workers="block")
+        survey = context.new_page()
+        survey.goto(survey_site.origin + "/survey")
+        survey.frame_locator("#chat").locator("#consent-decline").click()
+        survey.frame_locator("#chat").locator("#declined").wait_for()
+        survey.wait_for_function("calls.length >= 3")
+        assert survey.evaluate("received") == [{"origin": combot, "data": {"type": "combot:declined"}}]
+        assert survey.evaluate("calls") == [["hideNextButton"], ["setEmbeddedData", "combot_declined", "1"],
+                                            ["showNextButton"]]
+        with sqlite3.connect(server.database) as conn:
+            assert conn.execute("SELECT status FROM participants").fetchall() == [("declined",)]
+        context.close()
+    finally:
+        survey_site.close()
