@@ -364,6 +364,9 @@
   // The transcript, what comes next and the turn, from a session answer or a 409's body.
   function renderConversation(data) {
     el.log.replaceChildren();
+    // Focusable (to scroll it from the keyboard) once there is a conversation, so the consent page has
+    // no empty stop for Tab; the live region itself is there from the start, as screen readers need.
+    el.log.tabIndex = 0;
     state.pinned = true; // a reload or a resync starts at the newest message
     (Array.isArray(data.messages) ? data.messages : []).forEach(function (m) {
       if (m && typeof m === "object") addMessage(m.from === "participant" ? "participant" : "bot", m.text, m.link);

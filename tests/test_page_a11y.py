@@ -155,6 +155,7 @@ def test_consent_tab_order_follows_the_visual_order(study_server: Any, browser: 
             page.goto(study_server.url + f"?PROLIFIC_PID=tab{width}")
             page.wait_for_selector("#consent:not([hidden])")
             ids = ["consent-agree", "consent-decline"]
+            assert page.locator("#log").get_attribute("tabindex") is None, "no empty transcript to tab through"
             # Reading order: top to bottom, then left to right (the buttons sit side by side on a wide screen).
             boxes = {i: page.locator(f"#{i}").bounding_box() for i in ids}
             visual = sorted(ids, key=lambda i: (round(boxes[i]["y"]), boxes[i]["x"]))
