@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import httpx
 
 from combot import bench, export, recruitment, store, synthetic
-from combot.llm import BadResponse, LLMConfig, parse_completion
+from combot.llm import BadResponse, LLMConfig
 from combot.personas import PERSONAS, Persona, ScriptedSpeaker, email_answers
 from combot.study import Study
 
@@ -132,12 +132,24 @@ class LLMSpeaker:
                 "max_tokens": max(self.config.max_tokens, 200)})
             if response.status_code != 200:
                 raise BadResponse(f"http {response.status_code}")
-            text, _model = parse_completion(response.content, self.model)
+            text = persona_reply(response.content)
         except (BadResponse, httpx.HTTPError):
             self.failures += 1
             text = fallback
         self.history.append({"role": "assistant", "content": text})
         return text[:2000]
+
+
+def persona_reply(body: bytes) -> str:
+    """The chat message in a chat-completions answer. Unlike the bot's replies it is not held to the
+    bot's rules (no markup, no links): a participant may write anything, and the study must cope."""
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BadResponse("not a chat completion") from None
+    if not isinstance(content, str) or not content.strip():
+        raise BadResponse("empty")
+    return " ".join(content.split())[:2000]
 
 
 class Walker:

@@ -306,15 +306,16 @@ def test_participants_played_by_the_fake_llm_with_consent(study_file: Callable[.
     fake = start_fake_llm()
     try:
         path = study_file(replace={'base_url = ""': f'base_url = "{fake.url}"', "enabled = false": "enabled = true"})
-        report = _pilot(path, per_cell=1, participant_llm=True, personas=("sofa-rambler",))
+        report = _pilot(path, per_cell=1, participant_llm=True, personas=("hostile-broadband",))
     finally:
         fake.stop()
-    sofa = next(p for p in PERSONAS if p.key == "sofa-rambler")
-    story = [*sofa.openings, *sofa.answers.values(), *sofa.more]
     assert report["balance"]["ok"]
     for cell in report["cells"]:
         (transcript,) = cell["transcripts"]
+        persona = next(p for p in PERSONAS if p.key == transcript["persona"])
+        story = [*persona.openings, *persona.answers.values(), *persona.more]
         assert transcript["player"] == "llm" and transcript["status"] == "finished"
+        assert transcript["player_fallbacks"] == 0  # the hostile one's <b> and its injection went through
         sent = [m["text"] for m in transcript["messages"] if m["from"] == "participant" and m["kind"] == "message"]
         # The persona was played: every message comes from its own story, in its order.
         assert sent == [story[i % len(story)] for i in range(len(sent))]
