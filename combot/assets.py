@@ -53,7 +53,8 @@ class Assets:
 
     @classmethod
     def for_study(cls, study: Study) -> Assets:
-        logos = {str(block.values["logo"]) for block in study.blocks.get("presentation", ()) if block.values.get("logo")}
+        blocks = study.blocks.get("presentation", ())
+        logos = {str(block.values["logo"]) for block in blocks if block.values.get("logo")}
         found = {logo: logo_path(study.path, logo) for logo in logos}
         return cls({logo: path for logo, path in found.items() if path is not None})
 

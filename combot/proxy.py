@@ -49,8 +49,8 @@ class TrustedProxies:
         async def keep(new_scope: Any, _receive: Any, _send: Any) -> None:
             fixed.update(new_scope)
 
-        await ProxyFixMiddleware(keep, mode="legacy", trusted_hops=1)(
-            {key: scope[key] for key in ("type", "headers", "client", "scheme") if key in scope}, receive, send)
+        read: Any = {key: scope[key] for key in ("type", "headers", "client", "scheme") if key in scope}
+        await ProxyFixMiddleware(keep, mode="legacy", trusted_hops=1)(read, receive, send)
         # In place, not a copy: what the app notes in the scope (the participant id the access log
         # shows instead of a session token, combot/accesslog.py) must reach the server's logger.
         scope.update(fixed)

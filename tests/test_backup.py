@@ -43,7 +43,8 @@ def chatter(base: str, acked: list[tuple[float, str]], stop: threading.Event, er
 
 def stored_ids(database: Path) -> set[str]:
     with sqlite3.connect(database) as conn:
-        return {row[0] for row in conn.execute("SELECT client_message_id FROM messages WHERE client_message_id IS NOT NULL")}
+        rows = conn.execute("SELECT client_message_id FROM messages WHERE client_message_id IS NOT NULL")
+        return {row[0] for row in rows}
 
 
 @pytest.mark.slow
@@ -85,7 +86,8 @@ def test_snapshots_under_load_hold_every_acknowledged_message(live_server: Calla
     assert not errors, errors[:3]
     # The load really ran across the snapshots: the database kept growing past each of them.
     assert len(stored_ids(server.database)) > len(stored_ids(tmp_path / "snapshot-2.db"))
-    print(f"\n[backup] (messages acknowledged before it began, acknowledged while the backup command ran) per snapshot: {report}")
+    print("\n[backup] (messages acknowledged before it began, acknowledged while the backup command ran)"
+          f" per snapshot: {report}")
 
 
 def test_a_backup_replaces_the_old_one_whole_and_refuses_its_own_database(tmp_path: Path) -> None:

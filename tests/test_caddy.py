@@ -12,8 +12,8 @@ import io
 import os
 import re
 import socket
-import ssl
 import sqlite3
+import ssl
 import subprocess
 import time
 import zipfile

@@ -167,7 +167,8 @@ def test_a_survey_page_frames_the_chat_and_hears_the_end(live_server: Callable[.
         # An origin that is not listed cannot frame it: Chromium refuses, nothing starts, nothing is told.
         refusals: list[str] = []
         other = context.new_page()
-        other.on("console", lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None)
+        other.on("console",
+                 lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None)
         other.goto(stranger.origin + "/survey")
         other.wait_for_function("window.framed")
         assert [f for f in other.frames if f.url.startswith(combot) and f.locator("#log").count()] == []
@@ -188,7 +189,8 @@ def test_a_decline_inside_the_survey_lets_it_go_on(live_server: Callable[..., An
         server = live_server(workers=1, env={**os.environ, "COMBOT_FRAME_ANCESTORS": survey_site.origin,
                                              "COMBOT_CONSENT": "true"})
         combot = server.url.rstrip("/")
-        survey_site.pages["/survey"] = SURVEY_PAGE.replace("CHAT", server.url + "?participant_label=R_declines").replace(
+        chat = server.url + "?participant_label=R_declines"
+        survey_site.pages["/survey"] = SURVEY_PAGE.replace("CHAT", chat).replace(
             "SNIPPET", readme_snippet().replace("https://study.example.org", combot))
         context = browser.new_context(service_workers="block")
         survey = context.new_page()
