@@ -208,7 +208,19 @@ def init(path: str, force: bool) -> None:
     if target.exists() and not force:
         raise click.ClickException(f"{target} already exists; use --force to overwrite it")
     shutil.copyfile(default_study_path(), target)
-    click.echo(f"Wrote {target}. Edit it, check it with `combot check`, then run `combot serve`.")
+    command = _invocation()
+    click.echo(f"Wrote {target}. Edit it, check it with `{command} check`, then run `{command} serve`.")
+
+
+def _invocation() -> str:
+    """How the user runs Combot, to print commands they can type: `python3 combot.pyz` from the .pyz."""
+    import os
+    import zipfile
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.endswith(".pyz") or (os.path.isfile(argv0) and zipfile.is_zipfile(argv0)):
+        return f"python3 {argv0 if os.path.dirname(argv0) not in ('', '.') else os.path.basename(argv0)}"
+    return "combot"
 
 
 @cli.command()

@@ -18,6 +18,13 @@ PROBLEM_MEANINGS = {
     "C": "mistreatment by an employee (rude, dismissive)",
     "Other": "anything else",
 }
+def problem_meaning(study: Study, problem: str) -> str:
+    """What a problem type stands for, in words (the original study's, or the study's catch-all)."""
+    if problem == study.catch_all:
+        return "anything else (the catch-all)"
+    return PROBLEM_MEANINGS.get(problem, "as labelled in the study file")
+
+
 KIND_MEANINGS = {
     ("bot", "greeting"): "the bot's first message",
     ("bot", "reprompt"): "asks again for an experience: the participant's message before it held none yet"
@@ -111,11 +118,16 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
     ]
     participants += [
         ("status", "text", "`started`: has a cell but did not finish (still chatting, or left; see"
-                           " `last_active_at`); `finished`: gave an e-mail address and reached the end;"
-                           " `declined`: declined on the consent page (no cell, counts towards none)"),
+                           " `last_active_at`); `finished`: reached the end after "
+                           + ("giving an e-mail address or declining to (with one of the study's"
+                              f" email_skip_words: {', '.join(study.email_skip_words)}; see the `email` message)"
+                              if study.email_skip_words else "giving an e-mail address")
+                           + "; `declined`: declined on the consent page (no cell, counts towards none)"),
         ("consent", "text", "`agreed` on the consent page, `declined`, or `not asked` (no consent page then)"),
         ("started_at", "timestamp", "when the session was created (after agreeing, when consent was asked)"),
-        ("finished_at", "timestamp", "when the e-mail address was accepted; empty when not finished"),
+        ("finished_at", "timestamp", "when the e-mail address was accepted"
+                                     + (" or declined" if study.email_skip_words else "")
+                                     + "; empty when not finished"),
         ("last_active_at", "timestamp", "the participant's last stored message (or `started_at`)"),
         ("seconds_spent", "number", "`finished_at` (or `last_active_at` when not finished) minus `started_at`"),
         ("turns", "integer", "participant messages stored, the e-mail answer, any rejected e-mail attempt and"
@@ -164,10 +176,10 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
                             " `[phone]` (--anonymise)" if anonymise else "")),
         ("produced_by", "text", "how the text was made; see below"),
         ("model", "text", "the language model's name when `produced_by` is `llm`"),
-        ("latency_ms", "integer", "how long this reply's text took: for `produced_by` = `llm` the language"
-                                  " model's call alone; otherwise milliseconds from receiving the participant's"
-                                  " message until this text was ready (a fallback's includes the wait for the"
-                                  " model); empty for the greeting and for participant messages"),
+        ("latency_ms", "integer", "milliseconds from receiving the participant's message until this reply's text"
+                                  " was ready, whoever wrote it (script, template or language model; a"
+                                  " fallback's includes the wait for the model); empty for the greeting and for"
+                                  " participant messages"),
         ("compute_ms", "integer", "milliseconds from receiving the participant's message until every bot reply of"
                                   " the turn was ready to store (classifier, language model or its fallback"
                                   " included): the same for every bot message of one turn. Empty for the greeting,"

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from combot import store
 from combot.accesslog import public_path
+from combot.codebook import problem_meaning
 from combot.reply_times import reply_times
 from combot.study import Study
 
@@ -154,6 +155,7 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
     for cell in study.cells():
         label = study.cell_label(cell)
         cells[label] = {"cell": label, "number": study.cell_number(cell), "factors": cell,
+                        "description": study.cell_description(cell),
                         "started": 0, "finished": 0, "active": 0, "abandoned": 0}
     for row in conn.execute(
             "SELECT cell, cell_number, status, updated_at >= ? AS recent, count(*) AS n FROM participants"
@@ -184,7 +186,8 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
     for k in range(1, steps + 1):
         label = "first message (problem)" if k == 1 else f"message {k}"
         funnel.append({"step": label, "n": sum(n for t, n in reached.items() if t >= k)})
-    funnel.append({"step": "finished (e-mail given)", "n": totals["finished"]})
+    funnel.append({"step": "finished (e-mail given or declined)" if study.email_skip_words
+                   else "finished (e-mail given)", "n": totals["finished"]})
 
     problems = {p: 0 for p in study.problem_types}
     unclassified = 0
@@ -194,7 +197,8 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
             unclassified += row["n"]
         else:
             problems[row["problem_type"]] = problems.get(row["problem_type"], 0) + row["n"]
-    problem_types = [{"type": p, "n": n} for p, n in problems.items()] + [{"type": "not yet", "n": unclassified}]
+    problem_types = [{"type": p, "n": n, "meaning": problem_meaning(study, p)} for p, n in problems.items()]
+    problem_types.append({"type": "not yet", "n": unclassified, "meaning": "no first message yet"})
 
     # Did the opening describe an experience? Those who never did are flagged (described_experience 0).
     openings = {"described at once": 0, "described after a re-prompt": 0, "never described (flagged)": 0,

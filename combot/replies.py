@@ -96,8 +96,10 @@ async def bot_messages(res: Resources, participant: Any, factors: Mapping[str, s
         else:
             outcome = await llm.complete(system, user)
         if isinstance(outcome, LLMReply):
+            # latency_ms has one meaning for every reply: from the participant's message until its text
+            # was ready (the model's call alone would leave out the wait for a slot).
             return store.NewMessage("bot", reply.kind, outcome.text, "llm", model=outcome.model,
-                                    latency_ms=outcome.latency_ms)
+                                    latency_ms=int((time.perf_counter() - started) * 1000))
         return offline(reply, outcome.reason)
 
     made = iter(await asyncio.gather(*(written(r, i) for i, r in enumerate(wanted))))

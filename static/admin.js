@@ -65,7 +65,7 @@
     var rows = cells.map(function (c) {
       var tr = cellRole(make("tr"), "row");
       tr.appendChild(cellRole(make("td", "num", c.number === null ? "" : c.number)));
-      tr.appendChild(cellRole(make("td", "cell", c.cell || "(none)")));
+      tr.appendChild(cellRole(make("td", "cell", c.description || c.cell || "(none)")));
       ["started", "finished", "active", "abandoned"].forEach(function (k) {
         tr.appendChild(cellRole(make("td", "num count-" + k, c[k])));
       });
@@ -193,7 +193,9 @@
     $("cells-note").textContent = "Abandoned: no message for " + data.active_minutes + " minutes.";
     drawCells(data.cells);
     hbars($("funnel"), data.funnel, "step");
-    hbars($("problems"), data.problem_types, "type");
+    hbars($("problems"), data.problem_types.map(function (p) {
+      return { n: p.n, label: p.meaning ? p.type + " = " + p.meaning : p.type };
+    }), "label");
     hbars($("openings"), data.openings || [], "opening");
     var r = data.replies;
     $("window").textContent = "over the last " + r.window_minutes + " minutes";
@@ -206,7 +208,11 @@
     drawTimeline(data.timeline, r.window_minutes, data.generated_at);
     drawWorkers(data.workers, data.memory, data.thresholds.memory_percent);
     if (data.reply_timing) drawTiming(data.reply_timing, r.window_minutes);
-    var warnings = data.warnings.map(function (w) { return make("p", "warning", w); });
+    var notes = (data.warnings || []).slice();
+    if (data.synthetic_left_out) {
+      notes.push(data.synthetic_left_out + " synthetic participants (combot bench, pilots) are left out of every number here.");
+    }
+    var warnings = notes.map(function (w) { return make("p", "warning", w); });
     $("warnings").replaceChildren.apply($("warnings"), warnings);
     $("updated").textContent = "Updated " + new Date().toLocaleTimeString() + " · refreshes every " + REFRESH_MS / 1000 + " s";
   }

@@ -116,7 +116,7 @@ def test_the_numbers(client: Client, tmp_path: Path) -> None:
     assert sorted(cell["started"] for cell in cells) == [1, 1, 1, 1, 1, 1, 2, 2]
     funnel = {step["step"]: step["n"] for step in numbers["funnel"]}
     assert funnel["opened the chat"] == 10 and funnel["first message (problem)"] == 4
-    assert funnel["message 5"] == 3 and funnel["finished (e-mail given)"] == 3
+    assert funnel["message 5"] == 3 and funnel["finished (e-mail given)"] == 3  # no email_skip_words here
     assert {p["type"]: p["n"] for p in numbers["problem_types"]} == {"A": 0, "B": 4, "C": 0, "Other": 0, "not yet": 6}
     replies = numbers["replies"]
     assert replies["replies"] == 3 * 6 + 1 and replies["errors"] == 0 and replies["success_percent"] == 100
@@ -301,3 +301,17 @@ def test_a_failed_request_is_recorded_with_the_participant_id_never_the_session_
         paths = [row[0] for row in conn.execute("SELECT path FROM events")]
     assert paths == [f"POST /api/sessions/{pid}/messages"]
     assert session not in paths[0]
+
+
+def test_the_dashboard_says_what_cells_problem_types_and_finishing_mean(
+        client: Client, study_file: Callable[..., Path]) -> None:
+    c = client(study_file({"email_skip_words = []": 'email_skip_words = ["skip"]'}),
+               environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    numbers = c.get("/admin/api/stats", headers=bearer()).json()
+    assert numbers["cells"][0]["description"] == "brand: basic · think: high · feel: high"
+    assert numbers["cells"][6]["description"] == "brand: bramble · think: low · feel: high"
+    meanings = {p["type"]: p["meaning"] for p in numbers["problem_types"]}
+    assert meanings["A"] == "defective or poor-quality product" and meanings["Other"].startswith("anything else")
+    assert numbers["funnel"][-1]["step"] == "finished (e-mail given or declined)"
+    script = (Path(__file__).resolve().parent.parent / "static" / "admin.js").read_text()
+    assert "c.description" in script and "p.meaning" in script

@@ -130,3 +130,36 @@ def test_check_prints_the_links_a_participant_gets_and_warns_about_leftovers(stu
     assert "pid=p3f0a9c1d2e4b&p=PROLIFIC_PID-123" in out
     assert "completion link: https://app.prolific.com/submissions/complete?cc=CODE" in out
     assert "Warning" not in out
+
+
+def test_init_prints_the_commands_as_the_user_types_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["combot.pyz", "init"])
+    result = CliRunner().invoke(cli, ["init"])
+    assert result.exit_code == 0, result.output
+    assert "`python3 combot.pyz check`" in result.output and "`python3 combot.pyz serve`" in result.output
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/combot", "init"])
+    result = CliRunner().invoke(cli, ["init", "--force"])
+    assert "`combot check`" in result.output and "`combot serve`" in result.output
+
+
+def test_serve_help_says_where_the_access_log_goes() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200)
+    assert "'-': standard output" in " ".join(result.output.split())
+
+
+def test_the_codebook_does_not_call_finishing_giving_an_address_when_it_can_be_declined(
+        study_file: Callable[..., Path], tmp_path: Path) -> None:
+    from combot import export, store
+    from combot.study import load_study
+
+    for skip, expected in (("[]", "after giving an e-mail address;"),
+                           ('["skip"]', "after giving an e-mail address or declining to")):
+        study = load_study(study_file({"email_skip_words = []": f"email_skip_words = {skip}"}), environ={})
+        conn = store.connect(tmp_path / f"s{len(skip)}.db")
+        export.export_to_dir(conn, study, tmp_path / f"out{len(skip)}")
+        conn.close()
+        codebook = (tmp_path / f"out{len(skip)}" / "codebook.md").read_text()
+        assert expected in codebook
+        assert "latency_ms` | integer | milliseconds from receiving the participant's message until this reply's" \
+               " text was ready, whoever wrote it" in codebook
