@@ -58,7 +58,8 @@ def reply_times(conn: sqlite3.Connection, study: Study, since: str, drift_percen
         timing = study.timing(cell)
         histogram = shown.get(label, [0] * BUCKETS)
         cells.append({
-            "cell": label, "number": study.cell_number(cell), "mode": timing.mode, "design": timing.describe(),
+            "cell": label, "description": study.cell_description(cell), "number": study.cell_number(cell),
+            "mode": timing.mode, "design": timing.describe(),
             "turns": sum(histogram), "histogram": histogram, "bucket_ms": BUCKET_MS,
             "shown_p50_ms": _quantile(histogram, 0.5), "shown_p90_ms": _quantile(histogram, 0.9),
             "compute_p50_ms": _quantile(compute.get(label, []), 0.5),
@@ -75,7 +76,7 @@ def reply_times(conn: sqlite3.Connection, study: Study, since: str, drift_percen
         if reference and abs(mine - reference) / reference * 100 > drift_percent:
             entry["drifts"] = True
             warnings.append(
-                f"Reply timing drifts in cell {entry['number']} ({entry['cell']}): its replies are shown after"
+                f"Reply timing drifts in cell {entry['number']} ({entry['description']}): its replies are shown after"
                 f" {mine / 1000:.2f} s at the median, the other cells with the same design ({entry['mode']}) after"
                 f" {reference / 1000:.2f} s (warning above {drift_percent:g}% apart).")
     for entry in cells:

@@ -143,7 +143,7 @@
     var rows = timing.cells.map(function (c) {
       var tr = make("tr", c.drifts ? "drifts" : "");
       tr.appendChild(make("td", "num", c.number));
-      tr.appendChild(make("td", "cell", c.cell));
+      tr.appendChild(make("td", "cell", c.description || c.cell));
       tr.appendChild(make("td", "design", c.design));
       tr.appendChild(make("td", "num", c.turns));
       tr.appendChild(make("td", "num", seconds(c.shown_p50_ms) + " / " + seconds(c.shown_p90_ms)));
