@@ -48,7 +48,7 @@ def test_a_cell_that_drifts_from_the_others_with_its_design_is_a_warning(tmp_pat
     assert by_cell[labels[0]]["turns"] == 30 and 950 <= by_cell[labels[0]]["shown_p50_ms"] <= 1050
     assert by_cell[labels[0]]["compute_p50_ms"] is not None and by_cell[labels[0]]["mode"] == "matched"
     assert [c["cell"] for c in report["cells"] if c["drifts"]] == [labels[3]]
-    assert len(report["warnings"]) == 1 and f"cell 4 ({labels[3]})" in report["warnings"][0]
+    assert len(report["warnings"]) == 1 and f"cell 4 ({study.cell_description(study.cells()[3])})" in report["warnings"][0]
     numbers = monitor.dashboard(conn, study)
     assert numbers["reply_timing"]["cells"][3]["drifts"] and report["warnings"][0] in numbers["warnings"]
     conn.close()
