@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 from urllib.parse import quote
 
 from combot.paraphrase import choose_paraphrase
@@ -55,13 +55,11 @@ class State:
                 "phrased": list(self.phrased), "reprompts": self.reprompts}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> State:
-        asked = data.get("asked") or []
-        phrased = data.get("phrased") or []
-        return cls(stage=data.get("stage", "chat"), turn=int(data.get("turn", 0)),  # type: ignore[arg-type]
-                   problem=data.get("problem"), asked=tuple(int(i) for i in asked),  # type: ignore[union-attr]
-                   phrased=tuple(str(name) for name in phrased),  # type: ignore[union-attr]
-                   reprompts=int(data.get("reprompts", 0)))  # type: ignore[call-overload]
+    def from_dict(cls, data: Mapping[str, Any]) -> State:
+        return cls(stage=data.get("stage", "chat"), turn=int(data.get("turn", 0)), problem=data.get("problem"),
+                   asked=tuple(int(i) for i in data.get("asked") or []),
+                   phrased=tuple(str(name) for name in data.get("phrased") or []),
+                   reprompts=int(data.get("reprompts", 0)))
 
 
 @dataclass(frozen=True)

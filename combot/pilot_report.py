@@ -246,7 +246,7 @@ def build(study: Study, options: PilotOptions, collected: Sequence[tuple[Convers
     cells: list[dict[str, Any]] = []
     by_label: dict[str, dict[str, Any]] = {}
     for cell in study.cells():
-        entry = {"cell": study.cell_label(cell), "number": study.cell_number(cell), "factors": dict(cell),
+        entry: dict[str, Any] = {"cell": study.cell_label(cell), "number": study.cell_number(cell), "factors": dict(cell),
                  "in_words": in_words(study, cell), "followups": study.followup_mode(cell),
                  "timing": study.timing(cell).mode, "transcripts": []}
         cells.append(entry)
@@ -265,9 +265,11 @@ def build(study: Study, options: PilotOptions, collected: Sequence[tuple[Convers
     per_cell = {c["cell"]: len(c["transcripts"]) for c in cells}
     expected = options.per_cell or len(_persona_keys(options))
     counts = data.get("counts")
-    balance = {"assignment": study.assignment, "expected": expected, "per_cell": counts if counts is not None
-               else per_cell, "checked": counts is not None and study.assignment == "balanced"}
-    balance["ok"] = bool(balance["checked"]) and all(balance["per_cell"].get(c["cell"], 0) == expected for c in cells)
+    shown: dict[str, int] = counts if counts is not None else per_cell
+    checked = counts is not None and study.assignment == "balanced"
+    balance: dict[str, Any] = {"assignment": study.assignment, "expected": expected, "per_cell": shown,
+                               "checked": checked,
+                               "ok": checked and all(shown.get(c["cell"], 0) == expected for c in cells)}
     differences = factor_differences(study)
     flags = [f for c in cells for t in c["transcripts"] for f in transcript_flags(study, c, t)]
     flags = group_flags(flags) + study_flags(study, cells, differences, balance, data)
