@@ -326,7 +326,7 @@ def test_participants_played_by_the_fake_llm_with_consent(study_file: Callable[.
 @pytest.mark.slow
 def test_a_running_study_piloted_over_its_url(live_server: Callable[..., Any], study_file: Callable[..., Path]) -> None:
     token = "pilot-test-admin-token-0123456789"
-    path = study_file(replace={"enabled = false": "enabled = true"})
+    path = study_file(replace={"enabled = false": "enabled = true", "email_skip_words = []": 'email_skip_words = ["skip"]'})
     server = live_server(config=path, env={**os.environ, "COMBOT_ADMIN_TOKEN": token})
     study = load_study(path)
     with pytest.raises(PilotError, match="403"):
@@ -334,11 +334,13 @@ def test_a_running_study_piloted_over_its_url(live_server: Callable[..., Any], s
     with pytest.raises(PilotError, match="admin token"):
         run_pilot(study, PilotOptions(url=server.url, per_cell=1), say=lambda _l: None)
     report = run_pilot(study, PilotOptions(url=server.url, admin_token=token, per_cell=1,
-                                           personas=("terse-cashier",)), say=lambda _l: None)
+                                           personas=("double-charge-decliner",)), say=lambda _l: None)
     assert not [f for f in report["flags"] if f["severity"] == "error"]
     for cell in report["cells"]:
         (transcript,) = cell["transcripts"]  # synthetic arrivals are balanced among themselves
-        assert transcript["status"] == "finished" and transcript["persona"] == "terse-cashier"
+        assert transcript["status"] == "finished" and transcript["persona"] == "double-charge-decliner"
+        # It declines the e-mail address, as this study allows: stored as a marker only.
+        assert [m["text"] for m in transcript["messages"] if m["kind"] == "email"] == ["[no e-mail address given]"]
         bots = [m for m in transcript["messages"] if m["from"] == "bot"]
         assert bots[0]["kind"] == "greeting" and all(m["produced_by"] in ("script", "template") for m in bots)
         assert any(m.get("link") for m in bots)
