@@ -66,6 +66,7 @@ async def create_session(request: Request) -> Response:
         if platform_id:
             returning = await res.store.read(store.participant_by_platform_id, platform_id)
         if returning is None:
+            await res.store.read(store.refuse_when_closed)  # closed: no consent page to agree on
             raise ConsentRequired("please read the study information and agree before the chat starts")
         return await _session_response(res, returning)
     if not is_synthetic:  # `combot bench --url` may start many sessions from one machine

@@ -425,9 +425,10 @@ def digest(close: bool, yes: bool, config_path: str | None, **flags: Any) -> Non
     study = _load(config_path, "server", flags)
     database = study.settings["server.database"]
     try:
-        conn = export.open_database(database)
-    except export.ExportError as error:
-        raise click.ClickException(str(error)) from None
+        # Closing writes to the study's own file; printing may read a read-only (archived) one.
+        conn = store.connect(database) if close and Path(database).is_file() else export.open_database(database)
+    except (export.ExportError, sqlite3.Error, RuntimeError) as error:
+        raise click.ClickException(f"cannot use the database {database}: {error}") from None
     try:
         if close and not yes and not store.study_digest(conn)["closed_at"]:
             click.confirm(f"Close data collection in {database}? New participants and messages will be refused",

@@ -358,7 +358,7 @@ def create_participant(
             existing = participant_by_platform_id(conn, platform_id)
             if existing is not None:
                 return existing, False
-        _refuse_when_closed(conn)
+        refuse_when_closed(conn)
         counts = cell_counts(conn, fill, active_minutes, synthetic=synthetic)
         label, number, factors, method = choose_cell(counts)
         state, greeting = greet(factors)
@@ -431,7 +431,7 @@ def record_decline(conn: sqlite3.Connection, *, participant_id: str, token: str,
                 if existing["status"] != "declined":
                     raise Conflict("this session has already started")
                 return existing, False
-        _refuse_when_closed(conn)
+        refuse_when_closed(conn)
         conn.execute(
             "INSERT INTO participants (id, token, cell, factors, state, version, status, turns, created_at,"
             " updated_at, user_agent, url_params, platform_id, client_key, study_version, synthetic) VALUES (?, ?,"
@@ -560,7 +560,7 @@ def record_turn(conn: sqlite3.Connection, turn: Turn) -> StoredTurn:
                            " chain_head, chain_length FROM participants WHERE id = ?", (turn.participant_id,)).fetchone()
         if row is None or row["version"] != turn.expected_version:
             raise Conflict("another message changed this conversation first; reload to continue")
-        _refuse_when_closed(conn)
+        refuse_when_closed(conn)
         stamp = now()
         links = _Chain(conn, turn.participant_id, row["chain_head"], row["chain_length"] or 0)
         first_id = _insert_messages(conn, links, turn.turn, [turn.incoming], None, stamp)
@@ -685,7 +685,8 @@ class _Chain:
                           (self.head, self.length, self.participant_id))
 
 
-def _refuse_when_closed(conn: sqlite3.Connection) -> None:
+def refuse_when_closed(conn: sqlite3.Connection) -> None:
+    """Raise CollectionClosed (410) once `combot digest --close` has closed data collection."""
     if conn.execute("SELECT 1 FROM meta WHERE key = 'closed_at'").fetchone():
         raise CollectionClosed("this study has finished collecting data and takes no new conversations or messages;"
                                " thank you for your interest")

@@ -185,6 +185,20 @@
     $("memory-note").textContent = note;
   }
 
+  function drawDigest(d) {
+    if (!d) return;
+    $("digest").textContent = d.digest;
+    var note = "Merkle root over the hash chains of " + d.participants + " participants and " + d.messages +
+      " messages (synthetic ones left out); chains authoritative since " + (d.chain_since || "–") + ".";
+    if (d.closed_at) {
+      note += " Collection closed at " + d.closed_at + "; closing digest " + d.closing_digest +
+        (d.closing_digest === d.digest ? " (unchanged)." : " — the data no longer gives it: run combot verify.");
+    } else {
+      note += " Publish it when you close collection with combot digest --close.";
+    }
+    $("digest-note").textContent = note;
+  }
+
   function draw(data) {
     $("study-title").textContent = data.title ? "· " + data.title : "";
     ["started", "finished", "active", "abandoned", "declined"].forEach(function (k) {
@@ -208,6 +222,7 @@
     drawTimeline(data.timeline, r.window_minutes, data.generated_at);
     drawWorkers(data.workers, data.memory, data.thresholds.memory_percent);
     if (data.reply_timing) drawTiming(data.reply_timing, r.window_minutes);
+    drawDigest(data.digest);
     var notes = (data.warnings || []).slice();
     if (data.synthetic_left_out) {
       notes.push(data.synthetic_left_out + " synthetic participants (combot bench, pilots) are left out of every number here.");

@@ -695,6 +695,7 @@
     } catch (error) {
       // 403: the study asks for consent before a session starts.
       if (error instanceof ApiError && error.status === 403) return showConsent();
+      if (closed(error)) return;
       startFailed();
     }
   }
@@ -745,6 +746,7 @@
       focusInput();
     } catch (error) {
       setConsentBusy(false);
+      if (closed(error)) return;
       showNotice("Sorry, the chat could not be started. Please check your internet connection and try again.",
         "Try again", agree, true);
     }
@@ -772,6 +774,15 @@
 
   el.consentAgree.addEventListener("click", agree);
   el.consentDecline.addEventListener("click", decline);
+
+  // 410: the researcher has closed data collection; nothing will be stored, so nothing is retried.
+  function closed(error) {
+    if (!(error instanceof ApiError) || error.status !== 410) return false;
+    el.loading.hidden = true;
+    el.consent.hidden = true;
+    showNotice(politely(error.message) || "This study is no longer collecting data. Thank you for your interest.");
+    return true;
+  }
 
   function startFailed() {
     el.loading.hidden = true;
@@ -924,7 +935,7 @@
       tabSet("unsent", null);
       return reloadTranscript(pending, error.data);
     }
-    if (status === 400 || status === 413 || status === 422 || status === 429) {
+    if (status === 400 || status === 410 || status === 413 || status === 422 || status === 429) {
       tabSet("unsent", null);
       pending.row.remove();
       restoreText(pending.text);

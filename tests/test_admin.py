@@ -315,3 +315,19 @@ def test_the_dashboard_says_what_cells_problem_types_and_finishing_mean(
     assert numbers["funnel"][-1]["step"] == "finished (e-mail given or declined)"
     script = (Path(__file__).resolve().parent.parent / "static" / "admin.js").read_text()
     assert "c.description" in script and "p.meaning" in script
+
+
+def test_the_dashboard_shows_the_study_digest_and_the_closing(client: Client, tmp_path: Path) -> None:
+    from combot import store, verify
+
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    finish(c, c.post("/api/sessions", json={}).json()["session_id"])
+    shown = c.get("/admin/api/stats", headers=bearer()).json()["digest"]
+    assert shown["digest"] == verify.verify_database(tmp_path / "web.db").digest
+    assert shown["participants"] == 1 and shown["messages"] > 2 and shown["closed_at"] is None
+    conn = store.connect(tmp_path / "web.db")
+    store.close_collection(conn)
+    conn.close()
+    shown = c.get("/admin/api/stats", headers=bearer()).json()["digest"]
+    assert shown["closed_at"] and shown["closing_digest"] == shown["digest"]
+    assert 'id="digest"' in c.get("/admin", headers=bearer()).text

@@ -460,3 +460,34 @@ def test_a_retried_key_is_not_counted_as_a_new_start(client: Client) -> None:
     assert codes == [201, 200, 200, 200, 200]
     assert c.post("/api/sessions", json={"client_key": key()}).status_code == 201
     assert c.post("/api/sessions", json={"client_key": key()}).status_code == 429
+
+
+# --- collection closed (`combot digest --close`, issue 16) -----------------------------------------
+
+def test_a_closed_study_takes_no_one_new_but_serves_returning_participants_read_only(client: Client,
+                                                                                     tmp_path: Path) -> None:
+    from combot import store
+
+    c = client()
+    first = c.post("/api/sessions", params={"PROLIFIC_PID": "pp-1"}, json={})
+    session = first.json()["session_id"]
+    assert c.post(f"/api/sessions/{session}/messages", json={"text": "My parcel never came."}).status_code == 200
+    conn = store.connect(tmp_path / "web.db")
+    closed = store.close_collection(conn)
+    conn.close()
+    stored = len(rows(tmp_path / "web.db", "SELECT * FROM messages"))
+
+    refused = c.post("/api/sessions", params={"PROLIFIC_PID": "pp-2"}, json={"client_key": key()})
+    assert refused.status_code == 410 and "finished collecting data" in refused.json()["error"]
+    again = c.post("/api/sessions", params={"PROLIFIC_PID": "pp-1"}, json={})
+    assert again.status_code == 200 and again.json()["session_id"] == session
+    assert c.get(f"/api/sessions/{session}").status_code == 200
+    message = c.post(f"/api/sessions/{session}/messages", json={"text": "Still waiting.", "turn": 2})
+    assert message.status_code == 410 and "no new conversations or messages" in message.json()["error"]
+    assert len(rows(tmp_path / "web.db", "SELECT * FROM messages")) == stored
+    consenting = client(environ={"COMBOT_CONSENT": "true"})
+    assert consenting.post("/api/sessions", json={}).status_code == 410  # no consent page to agree on
+    assert consenting.post("/api/declines", json={}).status_code == 410
+    conn = store.connect(tmp_path / "web.db")
+    assert store.study_digest(conn)["digest"] == closed["closing_digest"]
+    conn.close()

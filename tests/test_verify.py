@@ -18,7 +18,7 @@ from combot.cli import cli
 from combot.errors import CollectionClosed
 from combot.store import NewMessage, Turn
 from combot.study import load_study
-from tests.conftest import DEFAULT_STUDY
+from tests.conftest import DEFAULT_STUDY, LiveServer, walk_conversation
 
 
 STUDY = load_study(DEFAULT_STUDY, environ={})
@@ -384,3 +384,36 @@ def test_the_verify_and_digest_commands(exported: Callable[..., Path]) -> None:
     not_a_database = folder / "codebook.md"
     result = runner.invoke(cli, ["verify", str(not_a_database)])
     assert result.exit_code == 1 and "is not a Combot database" in result.output
+
+
+@pytest.mark.slow
+def test_the_real_server_chains_concurrent_conversations_and_closes(live_server: Callable[..., LiveServer],
+                                                                   tmp_path: Path) -> None:
+    """8 workers, 12 participants at once, then `combot digest --close` while it serves."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    server = live_server(workers=8)
+
+    def person(n: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            walk_conversation(http, server.url, params={"PROLIFIC_PID": f"pp-{n}"})
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        list(pool.map(person, range(12)))
+    report = verify.verify_database(server.database)
+    assert report.ok and report.participants == 12, report.problems
+    closed = subprocess.run([sys.executable, "-m", "combot", "digest", "--close", "--yes", "--database",
+                             str(server.database)], capture_output=True, text=True, timeout=60)
+    assert closed.returncode == 0 and f"closing digest {report.digest}" in closed.stdout, closed.stdout + closed.stderr
+    with httpx.Client(timeout=30) as http:
+        refused = http.post(server.url + "api/sessions", json={})
+        assert refused.status_code == 410 and "finished collecting data" in refused.json()["error"]
+        resumed = http.post(server.url + "api/sessions", params={"PROLIFIC_PID": "pp-3"}, json={})
+        assert resumed.status_code == 200 and resumed.json()["expects"] == "done"
+    checked = subprocess.run([sys.executable, "-m", "combot", "verify", str(server.database), "--digest",
+                              report.digest], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "intact: 12 participants" in checked.stdout, checked.stdout + checked.stderr
