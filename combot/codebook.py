@@ -269,6 +269,9 @@ def _tamper_evidence(conn: sqlite3.Connection, ext: str, anonymise: bool) -> lis
         ("link", "text", "`participant` (the participant row), `status` (a status change, its content in the"
                          " following columns) or `message` (the row of messages with `message_id`)"),
         ("message_id", "integer", "the message of a `message` link"),
+        ("redacted", "integer", "1 on a `message` link whose text this anonymised export changed (an e-mail address"
+                                " or phone number replaced): its hash is the original row's, so only its place in the"
+                                " chain can be checked; empty otherwise"),
         ("at", "timestamp", "when a status change was stored"),
         ("status", "text", "a status change: the participant's status from then on"),
         ("problem_type", "text", "a status change: the problem type from then on"),
@@ -324,10 +327,13 @@ def _tamper_evidence(conn: sqlite3.Connection, ext: str, anonymise: bool) -> lis
            " with each other, since whoever holds them could recompute every hash.\n",
     ]
     if anonymise:
-        out.append("This export is anonymised: the chains cover no personal data, so it verifies against the same"
-                   " study digest as a full export and proves the same about every file it holds. It says nothing"
-                   " about the personal data left out, and nothing about whether message texts hold what"
-                   " participants wrote about themselves.\n")
+        out.append("This export is anonymised. The chains cover no file it leaves out, so it verifies against the"
+                   " same study digest as a full export, and proves the same about every row it holds except the"
+                   " messages marked `redacted` in chain.csv: their e-mail addresses and phone numbers were"
+                   " replaced here, so their content cannot be checked, only that they are there, in their place"
+                   " (`combot verify` reports how many; whoever holds the files could mark more rows so, and change"
+                   " them). It says nothing about the personal data left out, nor whether message texts still hold"
+                   " what participants wrote about themselves.\n")
     else:
         out.append(f"personal.{ext} is covered by its file hash in MANIFEST.json only: a check shows it is"
                    " unchanged since this export, not that it is what was collected.\n")

@@ -86,8 +86,8 @@ PARTICIPANT_FIXED = ("participant_id", "cell", "cell_number", "problem_type", "d
 MESSAGE_COLUMNS = ("participant_id", "message_id", "turn", "sender", "kind", "text", "produced_by", "model",
                    "latency_ms", "compute_ms", "shown_ms", "fallback_reason", "timestamp", "stage", "expects",
                    "experience_score")
-CHAIN_COLUMNS = ("participant_id", "seq", "link", "message_id", "at", "status", "problem_type", "scores",
-                 "finished_at", "described_experience", "hash")
+CHAIN_COLUMNS = ("participant_id", "seq", "link", "message_id", "redacted", "at", "status", "problem_type",
+                 "scores", "finished_at", "described_experience", "hash")
 PERSONAL_FIXED = ("participant_id", "email", "platform_id", "user_agent")
 
 
@@ -185,9 +185,12 @@ def chain_rows(conn: sqlite3.Connection, layout: Layout) -> Iterator[dict[str, A
         pid = participant["id"]
         links: list[dict[str, Any]] = [{"participant_id": pid, "seq": 0, "link": "participant",
                                         "hash": participant["hash"]}]
-        links += [{**{name: row[name] for name in CHAIN_COLUMNS if name not in ("link", "message_id")},
+        links += [{**{name: row[name] for name in CHAIN_COLUMNS if name not in ("link", "message_id", "redacted")},
                    "link": "status"} for row in changes]
+        # An anonymised export replaces e-mail addresses and phone numbers in message texts: those
+        # rows cannot give their hash any more, and say so.
         links += [{"participant_id": pid, "seq": row["seq"], "link": "message", "message_id": row["id"],
+                   "redacted": 1 if layout.anonymise and redact(row["text"]) != row["text"] else None,
                    "hash": row["hash"]} for row in messages]
         yield from sorted(links, key=lambda link: link["seq"] if link["seq"] is not None else -1)
 

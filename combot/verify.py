@@ -36,6 +36,7 @@ class Report:
     digest: str | None = None
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    redacted: int = 0  # messages of an anonymised export whose text was redacted: not checkable
 
     @property
     def ok(self) -> bool:
@@ -53,6 +54,7 @@ class Link:
     values: Mapping[str, Any]
     stored: str | None
     candidates: tuple[Mapping[str, Any], ...] = ()  # other readings of the same row (a CSV's neutralised text)
+    opaque: bool = False  # its content was changed on purpose (redacted): only its place can be checked
 
 
 def walk(report: Report, participant_id: str, links: Iterable[Link]) -> tuple[str | None, int, bool]:
@@ -69,7 +71,7 @@ def walk(report: Report, participant_id: str, links: Iterable[Link]) -> tuple[st
                                                    f" {missing}")
             return head, count, False
         for values in (link.values, *link.candidates):
-            computed = chain.link(head, link.kind, values)
+            computed = link.stored if link.opaque else chain.link(head, link.kind, values)
             if computed == link.stored:
                 break
         else:
@@ -234,7 +236,8 @@ def verify_export(folder: str | Path, expected_digest: str | None = None) -> Rep
     if since:
         report.notes.append(f"chains authoritative since {since}")
     if manifest.get("anonymised"):
-        report.notes.append("anonymised export: the chains cover no personal data, so it verifies like a full one")
+        report.notes.append(f"anonymised export: {report.redacted} messages had e-mail addresses or phone numbers"
+                            " replaced; their content cannot be checked, only their place in the chain")
     return report
 
 
@@ -289,8 +292,10 @@ def _verify_export_chains(report: Report, manifest: Mapping[str, Any], fmt: str,
                 message_values = {name: message.get(name) for name in chain.FIELDS["message"]}
                 message_values["scores"] = _scores(message, manifest.get("message_score_columns", {}))
                 readings = _variants(message_values, csv_format)
+                opaque = chain.value_text(row.get("redacted")) == "1"
+                report.redacted += opaque
                 walked.append(Link(seq, kind, f"message {key} (messages.{fmt} row {n})", readings[0],
-                                   row["hash"] or None, readings[1:]))
+                                   row["hash"] or None, readings[1:], opaque))
         head, count, intact = walk(report, pid, walked)
         if not intact:
             return

@@ -56,7 +56,8 @@ def study_db(tmp_path: Path) -> Callable[..., Path]:
             store.create_participant(conn, participant_id=pid, token=f"tok-{pid}", choose_cell=_choose(n),
                                      greet=_greet, consented=n % 2 == 0, study_version="v1")
             store.record_turn(conn, _turn(pid, 0, f"my kettle broke ({n})", classify=True))
-            store.record_turn(conn, _turn(pid, 1, "=SUM(A1) it was bad", status="finished" if n % 2 else "started"))
+            store.record_turn(conn, _turn(pid, 1, "=SUM(A1) it was bad, call me on 0176 1234 5678" if n == 1
+                                          else "=SUM(A1) it was bad", status="finished" if n % 2 else "started"))
         store.record_decline(conn, participant_id="pz", token="tok-pz")
         store.create_participant(conn, participant_id="s1", token="tok-s1", choose_cell=_choose(), greet=_greet,
                                  synthetic=True)
@@ -297,6 +298,7 @@ def test_an_untouched_export_verifies_against_the_database_digest(exported: Call
     assert (f"personal.{fmt}" in manifest["files"]) is not anonymise
     assert manifest["heads"]["p00"]["links"] == 8 and manifest["study_digest"]["digest"] == report.digest
     assert verify.verify_export(folder, expected_digest=report.digest).ok
+    assert report.redacted == (2 if anonymise else 0)  # the phone number (and the reply quoting it), replaced
     assert not verify.verify_export(folder, expected_digest="ab" * 32).ok
 
 
