@@ -28,14 +28,15 @@ from combot.fakellm import running_fake_llm
 def one_run(label: str, users: int, workers: int, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     workdir.mkdir()
     with local_server(workers, None, env, workdir) as (url, database, _process):
-        people, elapsed = asyncio.run(run_load(url, users, 0.0, "full", 0.0, seed=7, show_progress=False))
-    waits = [seconds for person in people for kind, seconds in person.timings if kind != "start"]
+        people, elapsed, load = asyncio.run(run_load(url, users, 0.0, "full", 0.0, seed=7, show_progress=False))
+    replies = [h for kind, h in load.timings.items() if kind != "start"]
     conn = sqlite3.connect(database)
     reasons = Counter(row[0] or row[1] for row in conn.execute(
         "SELECT fallback_reason, produced_by FROM messages WHERE kind = 'paraphrase'"))
     conn.close()
     return {"label": label, "finished": sum(p.error is None for p in people), "users": users,
-            "waiting_s": sum(waits), "wall_s": elapsed, "slowest_s": max(waits), "paraphrases": dict(reasons)}
+            "waiting_s": sum(h.total for h in replies), "wall_s": elapsed, "slowest_s": max(h.max for h in replies),
+            "paraphrases": dict(reasons)}
 
 
 def main() -> None:
