@@ -68,11 +68,41 @@ async def _record(scope: Any, status: int, detail: str) -> None:
     resources = getattr(scope["app"].state, "resources", None)
     if resources is None:
         return
-    try:
-        await resources.store.run(store.record_event, "error", path=f"{scope.get('method', '')} {public_path(scope)}",
-                                  status=status, detail=detail, pid=os.getpid())
-    except Exception:  # the store may be what failed; the error is in the log either way
-        log.warning("could not record a server error for the dashboard", exc_info=True)
+    state = scope["app"].state
+    if not hasattr(state, "error_log"):
+        state.error_log = ErrorLog(resources.store)
+    await state.error_log.add({"at": store.now(), "kind": "error", "pid": os.getpid(), "status": status,
+                               "path": f"{scope.get('method', '')} {public_path(scope)}", "detail": detail})
+
+
+class ErrorLog:
+    """A worker's server errors, written one batch at a time.
+
+    Errors come in storms when the server is overloaded (every request then gets a 503): one write
+    per error would add a write per failed request to the very queue that is too long. So one write
+    is in flight at most; errors that come meanwhile go into the next one, and their requests do not
+    wait for it.
+    """
+
+    def __init__(self, handle: store.Store):
+        self.store = handle
+        self._pending: list[dict[str, Any]] = []
+        self._writing = False
+
+    async def add(self, event: dict[str, Any]) -> None:
+        self._pending.append(event)
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while self._pending:
+                events, self._pending = self._pending, []
+                try:
+                    await self.store.run(store.record_events, events)
+                except Exception:  # the store may be what failed; the errors are in the log either way
+                    log.warning("could not record %d server error(s) for the dashboard", len(events), exc_info=True)
+        finally:
+            self._writing = False
 
 
 def rss_bytes() -> int | None:

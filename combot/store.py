@@ -464,12 +464,12 @@ def study_versions(conn: sqlite3.Connection, include_synthetic: bool = False) ->
         (int(include_synthetic),)).fetchall()
 
 
-def record_event(conn: sqlite3.Connection, kind: str, *, path: str = "", status: int | None = None,
-                 detail: str = "", pid: int | None = None) -> None:
-    """Something the dashboard should count, such as a request that failed on the server's side."""
+def record_events(conn: sqlite3.Connection, events: Sequence[Mapping[str, Any]]) -> None:
+    """Several events in one transaction (each a mapping of record_event's arguments, with `at`)."""
     with transaction(conn):
-        conn.execute("INSERT INTO events (at, kind, pid, path, status, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                     (now(), kind, pid, path[:200], status, detail[:500]))
+        conn.executemany("INSERT INTO events (at, kind, pid, path, status, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                         [(e["at"], e["kind"], e.get("pid"), str(e.get("path", ""))[:200], e.get("status"),
+                           str(e.get("detail", ""))[:500]) for e in events])
 
 
 def record_worker(conn: sqlite3.Connection, *, pid: int, started_at: str, rss_bytes: int, host: str = "") -> None:

@@ -331,3 +331,30 @@ def test_the_dashboard_shows_the_study_digest_and_the_closing(client: Client, tm
     shown = c.get("/admin/api/stats", headers=bearer()).json()["digest"]
     assert shown["closed_at"] and shown["closing_digest"] == shown["digest"]
     assert 'id="digest"' in c.get("/admin", headers=bearer()).text
+
+
+def test_a_storm_of_server_errors_is_recorded_in_few_writes_and_none_is_lost(tmp_path: Path) -> None:
+    """When the server is overloaded every request fails; one write per failure would lengthen the
+    very queue that is too long. One write is in flight at a time; the rest join the next one."""
+    async def storm() -> tuple[int, int]:
+        handle = store.Store(tmp_path / "events.db")
+        await handle.open()
+        writes = 0
+        real_run = handle.run
+
+        async def counting_run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal writes
+            writes += 1
+            return await real_run(fn, *args, **kwargs)
+
+        handle.run = counting_run  # type: ignore[method-assign]
+        errors = monitor.ErrorLog(handle)
+        await asyncio.gather(*(errors.add({"at": store.now(), "kind": "error", "pid": 1, "status": 503,
+                                           "path": f"POST /api/sessions/{i}", "detail": ""}) for i in range(50)))
+        # The first add() writes until nothing is pending, so every event is stored once gather returns.
+        stored = await handle.read(lambda conn: conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        await handle.close()
+        return writes, stored
+
+    writes, stored = asyncio.run(storm())
+    assert stored == 50 and writes <= 3
