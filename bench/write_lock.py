@@ -24,8 +24,14 @@ def _write(conn, n: int) -> None:  # type: ignore[no-untyped-def]
                  (str(time.time()), os.getpid(), "x" * 200))
 
 
-async def _process(path: str, writers: int, seconds: float, start_at: float) -> dict[str, object]:
+async def _process(path: str, writers: int, seconds: float, start_at: float, busy: float,
+                   switch: float) -> dict[str, object]:
+    import sys
+
     from combot import store
+
+    if switch:
+        sys.setswitchinterval(switch)
 
     handle = store.Store(path)
     await handle.open()
@@ -44,7 +50,16 @@ async def _process(path: str, writers: int, seconds: float, start_at: float) -> 
                 failures += 1
             waits.append(time.monotonic() - began)
 
-    await asyncio.gather(*(writer() for _ in range(writers)))
+    async def busy_loop() -> None:
+        # Pure-Python work on the event loop (parsing requests, JSON): the writer thread then has
+        # to win the GIL back after every SQLite call it makes while holding the lock.
+        while time.monotonic() < stop:
+            until = time.perf_counter() + busy
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer() for _ in range(writers)), *([busy_loop()] if busy else []))
     await handle.close()
     waits.sort()
     return {"pid": os.getpid(), "writes": len(waits), "failures": failures,
@@ -52,7 +67,7 @@ async def _process(path: str, writers: int, seconds: float, start_at: float) -> 
             "max": waits[-1] if waits else 0}
 
 
-def _run(args: tuple[str, int, float, float]) -> dict[str, object]:
+def _run(args: tuple[str, int, float, float, float, float]) -> dict[str, object]:
     return asyncio.run(_process(*args))
 
 
@@ -61,6 +76,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--writers", type=int, default=40, help="writes in flight per process")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--busy", type=float, default=0.0,
+                        help="seconds of pure-Python work the event loop does between yields (0: none)")
+    parser.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="combot-lock-") as tmp:
         path = str(Path(tmp) / "lock.db")
@@ -69,7 +87,7 @@ def main() -> None:
         store.connect(path).close()
         start_at = time.time() + 8
         with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
-            results = pool.map(_run, [(path, args.writers, args.seconds, start_at)] * args.processes, chunksize=1)
+            results = pool.map(_run, [(path, args.writers, args.seconds, start_at, args.busy, args.switch_interval)] * args.processes, chunksize=1)
     total = sum(int(r["writes"]) for r in results)  # type: ignore[call-overload]
     print(f"{total / args.seconds:.0f} writes/s in all, failures {sum(int(r['failures']) for r in results)}")  # type: ignore[call-overload]
     for r in sorted(results, key=lambda r: -int(r["writes"])):  # type: ignore[call-overload]
