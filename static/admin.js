@@ -54,7 +54,7 @@
     container.replaceChildren.apply(container, rows);
   }
 
-  // See admin.html: the cells table keeps its roles when a phone lays its rows out as grids.
+  // See admin.html: the cells and timing tables keep their roles when a phone lays their rows out as grids.
   function cellRole(node, role) {
     node.setAttribute("role", role || "cell");
     return node;
@@ -141,14 +141,14 @@
   function drawTiming(timing, windowMinutes) {
     $("timing-window").textContent = "over the last " + windowMinutes + " minutes";
     var rows = timing.cells.map(function (c) {
-      var tr = make("tr", c.drifts ? "drifts" : "");
-      tr.appendChild(make("td", "num", c.number));
-      tr.appendChild(make("td", "cell", c.description || c.cell));
-      tr.appendChild(make("td", "design", c.design));
-      tr.appendChild(make("td", "num", c.turns));
-      tr.appendChild(make("td", "num", seconds(c.shown_p50_ms) + " / " + seconds(c.shown_p90_ms)));
-      tr.appendChild(make("td", "num", seconds(c.compute_p50_ms) + " / " + seconds(c.compute_p90_ms)));
-      var td = make("td", "bars");
+      var tr = cellRole(make("tr", c.drifts ? "drifts" : ""), "row");
+      tr.appendChild(cellRole(make("td", "num", c.number)));
+      tr.appendChild(cellRole(make("td", "cell", c.description || c.cell)));
+      tr.appendChild(cellRole(make("td", "design", c.design)));
+      tr.appendChild(cellRole(make("td", "num", c.turns)));
+      tr.appendChild(cellRole(make("td", "num", seconds(c.shown_p50_ms) + " / " + seconds(c.shown_p90_ms))));
+      tr.appendChild(cellRole(make("td", "num", seconds(c.compute_p50_ms) + " / " + seconds(c.compute_p90_ms))));
+      var td = cellRole(make("td", "bars"));
       if (c.turns) td.appendChild(sparkline(c.histogram, c.bucket_ms));
       tr.appendChild(td);
       return tr;
