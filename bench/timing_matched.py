@@ -142,6 +142,7 @@ def run(modes: list[str], users: int, warmup: int, think_time: float, llm_latenc
             result["shown_median_high_ms"] = statistics.median(groups["high"]["shown_ms"])
             result["shown_median_low_ms"] = statistics.median(groups["low"]["shown_ms"])
             result["seconds"] = elapsed
+            result["raw"] = groups  # every follow-up turn's client, compute and shown ms, by think level
             report["modes"][mode] = result
     return report
 
