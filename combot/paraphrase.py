@@ -19,11 +19,33 @@ _SECOND_TO_FIRST = {
 # Verbs that agree with the new subject: "I was" -> "you were", "you were" -> "I was".
 _AFTER_FIRST = {"am": "are", "was": "were", "wasn't": "weren't"}
 _AFTER_SECOND = {"are": "am", "were": "was", "weren't": "wasn't", "aren't": "am not"}
+# The same verbs before their subject, in a question: "are you" -> "am I", "was I" -> "were you".
+_BEFORE_FIRST = {"am": "are", "was": "were", "wasn't": "weren't"}
+_BEFORE_SECOND = {"are": "am", "were": "was", "weren't": "wasn't", "aren't": "aren't"}
+# Verbs whose complement can be a clause without "that": the "you" after them is that clause's
+# subject when a verb follows ("I hope you fix this" -> "you hope I fix this"), an object otherwise
+# ("I want you to refund me" -> "you want me to refund you", "I know you" -> "you know me").
+_CLAUSE_VERBS = {
+    "hope", "hoped", "hopes", "think", "thought", "thinks", "wish", "wished", "want", "wanted", "need", "needed",
+    "expect", "expected", "know", "knew", "believe", "believed", "said", "say", "says", "guess", "suppose",
+    "feel", "felt", "bet", "swear", "doubt", "assume", "assumed", "realise", "realised", "realize", "realized",
+    "understand", "mean", "noticed", "heard", "promised", "pray", "trust", "demand", "insist", "suggest",
+}
+# Words that cannot be the verb of such a clause: after "want you", "to" makes "you" an object.
+_NOT_A_VERB = {
+    "to", "the", "a", "an", "my", "your", "his", "her", "their", "our", "its", "this", "that", "these", "those",
+    "some", "any", "all", "it", "them", "him", "me", "us", "so", "very", "too", "for", "about", "with", "at",
+    "in", "on", "of", "from", "and", "or", "but", "because", "as", "like", "back", "again", "well", "more",
+    "much", "here", "there", "now", "today", "personally", "anything", "something", "nothing", "everything",
+    "gone", "out", "up", "off", "by", "into", "than", "then", "if", "when", "", "guys", "people",
+}
 # "you" is a subject ("I") at the start of a clause or before a verb, otherwise an object ("me").
 _CLAUSE_OPENERS = {
     "and", "but", "or", "so", "because", "since", "when", "if", "that", "while", "though", "although", "until",
     "unless", "whether", "as", "once", "then", "where", "why", "how", "what", "can", "could", "would", "will",
     "did", "do", "does", "should", "have", "had", "were", "are", "whenever", "before", "after",
+    "aren't", "weren't", "don't", "didn't", "doesn't", "haven't", "won't", "wouldn't", "can't", "couldn't",
+    "shouldn't",
 }
 _SUBJECT_FOLLOWERS = {
     "would", "will", "can", "could", "should", "shall", "might", "must", "may", "did", "didn't", "do", "don't",
@@ -33,8 +55,17 @@ _SUBJECT_FOLLOWERS = {
 # Words said before the point ("Yes,", "Well", "Ok so", "Um,"): dropped from the front.
 _FILLERS = {"ok", "okay", "um", "umm", "uh", "uhm", "erm", "hmm", "hm", "ugh", "hey", "hi", "hello", "yeah", "yep",
             "yup", "sure", "alright", "oh", "ah", "wow", "lol"}
-# Dropped from the front only before a comma or the start of a clause ("No, they ..." but "No one ...").
-_SOFT_FILLERS = {"yes", "no", "well", "so", "and", "right", "anyway", "anyways", "also"}
+# Dropped from the front only before a comma or the start of a clause ("No, they ..." but "No one ...";
+# "Honestly I think ..." and "Basically, the sofa ..." but "Honestly speaking").
+_SOFT_FILLERS = {"yes", "no", "well", "so", "and", "right", "anyway", "anyways", "also", "honestly", "basically",
+                 "actually", "frankly", "seriously", "look", "listen", "now", "fine", "sadly", "unfortunately",
+                 "tbh", "btw", "ps", "anyhow", "essentially", "firstly", "dear", "greetings"}
+# Greetings of two words ("Good evening,", "Hi there") dropped from the front like one-word ones.
+_GREETING = re.compile(r"(?:good\s+(?:morning|afternoon|evening|day|night)|(?:hi|hello|hey|hiya)\s+there|"
+                       r"to\s+whom\s+it\s+may\s+concern|long\s+story\s+short|first\s+of\s+all|"
+                       r"dear\s+(?:sir\s+or\s+madam|sir/madam|sir|madam|team|all))\b[,.!?;:]*\s+", re.IGNORECASE)
+# After a greeting, a name said to the bot ("Hi Combot, ...", "Hello everyone, ...") goes too.
+_ADDRESSED = {"hi", "hello", "hey", "hiya", "dear"}
 _CLAUSE_STARTS = {"i", "we", "my", "our", "the", "a", "an", "they", "he", "she", "it", "this", "that", "there",
                   "basically", "then", "i'm", "i've", "i'd", "i'll", "we're", "after", "when", "last", "yesterday",
                   "their", "his", "her", "its", "so", "you", "your"}
@@ -55,6 +86,7 @@ support seller sellers manager waiter waitress cashier clerk driver courier webs
 hotel restaurant people someone somebody everyone everybody anyone nothing something long to be frankly sadly
 unfortunately luckily suddenly eventually finally instead meanwhile overall again already almost maybe perhaps
 thank thanks please sorry can could would will should why what how who which where whenever get
+am aren't wasn't weren't isn't haven't don't didn't doesn't can't won't listen look
 """.split())
 _QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
 _TOKEN = re.compile(r"[A-Za-z']+|[^A-Za-z']+")
@@ -77,10 +109,18 @@ def _first_sentence(text: str) -> str:
 def _drop_fillers(sentence: str) -> str:
     """'Ok so I bought ...' -> 'I bought ...'; 'No, they never ...' -> 'they never ...'; 'No one ...' stays."""
     while True:
+        greeting = _GREETING.match(sentence)
+        if greeting:
+            sentence = sentence[greeting.end():]
+            continue
         match = re.match(r"([A-Za-z']+)([,.!?;:]*)\s+(\S+)", sentence)
         if not match:
             return sentence
         word, punctuation, following = match.group(1).lower(), match.group(2), match.group(3).lower().strip(",.!?")
+        if word in _ADDRESSED and not punctuation and re.fullmatch(r"[A-Za-z']+,", match.group(3)) and \
+                following not in _CLAUSE_STARTS:
+            sentence = sentence[match.end(3):].lstrip()  # "Hi Combot, the ..." -> "the ..."
+            continue
         soft_ok = punctuation or following in _CLAUSE_STARTS or following in _FILLERS or following in _SOFT_FILLERS
         if word in _FILLERS or (word in _SOFT_FILLERS and soft_ok):
             sentence = sentence[match.start(3):]
@@ -99,6 +139,17 @@ def _swap_persons(sentence: str) -> str:
         index = words.index(position) + step
         return tokens[words[index]].lower() if 0 <= index < len(words) else ""
 
+    def agree_before(position: int, verbs: dict[str, str]) -> None:
+        """'are you' -> 'am I': the verb right before the swapped subject, in a question."""
+        index = words.index(position)
+        if index == 0:
+            return
+        before = words[index - 1]
+        verb = tokens[before].lower()
+        if verb in verbs and not "".join(tokens[before + 1:position]).strip():
+            new = verbs[verb]
+            out[before] = new.capitalize() if tokens[before][:1].isupper() else new
+
     def starts_clause(position: int) -> bool:
         index = words.index(position)
         if index == 0:
@@ -113,14 +164,18 @@ def _swap_persons(sentence: str) -> str:
         if lower in _FIRST_TO_SECOND:
             replacement = _FIRST_TO_SECOND[lower]
             subject = "first" if lower in ("i", "we") else None
+            if subject:
+                agree_before(position, _BEFORE_FIRST)
         elif lower == "you":
             following = neighbour(position, 1)
             if following in ("guys", "people"):  # "you guys lost it", "with you people": the company
                 after = words[words.index(position) + 1]
                 out[after] = out[after - 1] = ""
                 following = neighbour(position, 2)
-            if starts_clause(position) or following in _SUBJECT_FOLLOWERS:
+            in_clause = neighbour(position, -1) in _CLAUSE_VERBS and following not in _NOT_A_VERB
+            if starts_clause(position) or following in _SUBJECT_FOLLOWERS or in_clause:
                 replacement, subject = "I", "second"
+                agree_before(position, _BEFORE_SECOND)
             else:
                 replacement, subject = "me", None
         elif lower in _SECOND_TO_FIRST:
