@@ -402,14 +402,21 @@ def out_of_fold_proba(
     return out
 
 
-def keep_every_experience(p_no_experience: np.ndarray, margin: float = 0.05, floor: float = 0.5,
-                          ceiling: float = 0.99) -> float:
-    """The threshold on P(no_experience) above which a first message is re-prompted: above every
-    score a real experience got in the out-of-fold predictions (plus a margin), never below `floor`.
+# A first message is re-prompted only when the opener head puts the odds of "no experience yet"
+# at REPROMPT_ODDS to 1 or more.
+REPROMPT_ODDS = 4.0
 
-    A re-prompted complaint costs a participant an odd question and loses nothing, yet it is the
-    error researchers notice; a greeting let through costs the think-high manipulation for that
-    participant. The threshold leans towards letting text through.
+
+def reprompt_threshold(odds: float = REPROMPT_ODDS) -> float:
+    """The threshold on P(no_experience) above which a first message is re-prompted: odds/(1 + odds).
+
+    A re-prompted complaint is the error researchers notice and participants resent; a greeting let
+    through costs the think-high manipulation for that participant. The line leans towards letting
+    text through: at odds 4 a message is re-prompted only when the head is four times surer that it
+    holds no experience than that it does. (The rule it replaces, "above the highest out-of-fold
+    score any training experience got", was set by the single hardest terse complaint in the
+    training data and swung with every row added.)
     """
-    highest = float(np.max(p_no_experience)) if len(p_no_experience) else 0.0
-    return float(min(ceiling, max(floor, highest + margin)))
+    if odds <= 0:
+        raise ValueError("odds must be positive")
+    return odds / (1.0 + odds)

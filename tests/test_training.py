@@ -158,9 +158,11 @@ def test_scores_and_folds() -> None:
         assert 1 <= np.sum(y[fold] == 1) <= 1 and 4 <= len(fold) <= 6
 
 
-def test_the_opener_threshold_keeps_every_training_experience() -> None:
-    from combot.training import keep_every_experience
+def test_the_opener_threshold_leans_towards_letting_text_through() -> None:
+    from combot.training import REPROMPT_ODDS, reprompt_threshold
 
-    assert keep_every_experience(np.array([0.1, 0.2, 0.3])) == 0.5  # never below the floor
-    assert keep_every_experience(np.array([0.1, 0.69])) == pytest.approx(0.74)
-    assert keep_every_experience(np.array([0.97])) == 0.99  # capped: something must still be re-prompted
+    assert reprompt_threshold(4.0) == pytest.approx(0.8)
+    assert reprompt_threshold(1.0) == pytest.approx(0.5)
+    assert reprompt_threshold() == reprompt_threshold(REPROMPT_ODDS) > 0.5
+    with pytest.raises(ValueError):
+        reprompt_threshold(0)
