@@ -486,3 +486,28 @@ def test_replies_of_one_turn_come_one_after_another_in_one_group(
     assert "msg--group-prev" in rows.nth(2).get_attribute("class")
     assert not rows.nth(1).locator(".avatar").is_visible() and rows.nth(2).locator(".avatar").is_visible()
     assert expects(page) == "email"
+
+
+def test_a_closed_study_says_so_and_a_started_conversation_keeps_what_was_typed(
+        live_server: Callable[..., Any], phone: Callable[[str], Phone]) -> None:
+    """After `combot digest --close`: a new visitor reads that collection has ended (no retries, no
+    consent page); a participant mid-conversation keeps the transcript and the unsent text."""
+    import subprocess
+    import sys
+
+    server = live_server(workers=1)
+    started = phone(server.url)
+    page = started.open()
+    closed = subprocess.run([sys.executable, "-m", "combot", "digest", "--close", "--yes", "--database",
+                             str(server.database)], capture_output=True, text=True, timeout=60)
+    assert closed.returncode == 0, closed.stdout + closed.stderr
+    page.locator("#message").fill(FIRST)
+    page.locator("#message").press("Enter")
+    page.wait_for_selector("#notice:not([hidden])")
+    assert "finished collecting data" in page.locator("#notice-text").inner_text()
+    assert page.locator("#message").input_value() == FIRST
+    assert page.locator(".msg--participant").count() == 0
+    newcomer = phone(server.url).open(wait_for="#notice:not([hidden])")
+    assert "finished collecting data" in newcomer.locator("#notice-text").inner_text()
+    assert newcomer.locator("#notice-action").is_hidden() and newcomer.locator(".msg").count() == 0
+    assert not started.errors or all("410" in error for error in started.errors), started.errors
