@@ -419,3 +419,19 @@ def test_the_real_server_chains_concurrent_conversations_and_closes(live_server:
     checked = subprocess.run([sys.executable, "-m", "combot", "verify", str(server.database), "--digest",
                               report.digest], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0 and "intact: 12 participants" in checked.stdout, checked.stdout + checked.stderr
+
+
+def test_an_export_with_synthetic_participants_verifies_against_the_same_digest(study_db: Callable[..., Path],
+                                                                                tmp_path: Path) -> None:
+    conn = store.connect(study_db(name="with-synthetic.db"))
+    export.export_to_dir(conn, STUDY, tmp_path / "all", include_synthetic=True)
+    export.export_to_dir(conn, STUDY, tmp_path / "real")
+    conn.close()
+    everyone, real = verify.verify_export(tmp_path / "all"), verify.verify_export(tmp_path / "real")
+    assert everyone.ok and real.ok, everyone.problems + real.problems
+    assert everyone.digest == real.digest and (everyone.participants, everyone.messages) == (4, 15)
+    rows = _rows(tmp_path / "all" / "participants.csv")
+    synthetic = rows[0].index("synthetic")
+    next(r for r in rows[1:] if r[synthetic] == "1")[synthetic] = "0"  # a bench participant passed off as real
+    _write(tmp_path / "all" / "participants.csv", rows)
+    assert str(verify.verify_export(tmp_path / "all").problems[0]).startswith("participant s1, participants.csv")
