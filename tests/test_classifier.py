@@ -242,7 +242,10 @@ def test_the_opener_head_keeps_every_real_complaint_on_the_held_out_openers(ship
     print("\nopeners valid.csv:\n" + scores.table())
     assert scores.per_class["experience"]["recall"] == 1.0, [
         row["text"] for row, s in zip(rows, said) if row["label"] == "experience" and not s.described]
-    assert scores.per_class["experience"]["precision"] >= 0.95
+    # The line leans towards letting text through (odds 4:1, terse complaints in training): a few
+    # greetings are taken as experiences (6 of 70 here, 1 before the terse complaints), the price
+    # of never re-prompting a one-word complaint.
+    assert scores.per_class["experience"]["precision"] >= 0.93
     assert scores.per_class["no_experience"]["recall"] >= 0.9
 
 
