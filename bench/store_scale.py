@@ -40,8 +40,7 @@ QUERIES = {
     "record_turn (update)": ("UPDATE participants SET state = ?, version = ? WHERE id = ?", ("{}", 1, "p1")),
     "transcript": ("SELECT * FROM messages WHERE participant_id = ? ORDER BY id", ("p1",)),
     "llm_reply_count": ("SELECT count(*) FROM messages WHERE participant_id = ? AND produced_by = 'llm'", ("p1",)),
-    "create_participant (cell counts)": ("SELECT cell, count(*) AS n FROM participants WHERE status != 'declined'"
-                                         " AND synthetic = 0 GROUP BY cell", ()),
+    "create_participant (cell counts)": ("SELECT cell, n FROM cell_fill WHERE synthetic = ? AND n > 0", (0,)),
     "create_participant (returning platform id)": ("SELECT * FROM participants WHERE platform_id = ? AND status !="
                                                    " 'declined' ORDER BY created_at LIMIT 1", ("x",)),
     "create_participant (client key)": ("SELECT * FROM participants WHERE client_key = ?", ("k",)),

@@ -241,3 +241,22 @@ def test_a_worker_starting_while_others_hold_the_write_lock_waits_its_turn_to_mi
     assert len(opened) == 1 and store.ping(opened[0])
     opened[0].close()
     busy.close()
+
+
+def test_the_cell_counts_kept_by_triggers_equal_a_count_of_the_rows(tmp_path: Path) -> None:
+    """Whatever inserts, changes or deletes participants, balanced assignment's counts stay right."""
+    conn = store.connect(tmp_path / "fill.db")
+    insert = ("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at, synthetic)"
+              " VALUES (?, ?, ?, '{}', '{}', 0, ?, 'x', ?)")
+    for i in range(40):
+        conn.execute(insert, (f"p{i}", f"t{i}", f"c{i % 3}", ("started", "finished", "declined")[i % 4 % 3], i % 5 == 0))
+    conn.execute("UPDATE participants SET status = 'finished' WHERE id IN ('p1', 'p2')")
+    conn.execute("UPDATE participants SET cell = 'c9' WHERE id = 'p4'")
+    conn.execute("UPDATE participants SET synthetic = 1 WHERE id = 'p7'")
+    conn.execute("UPDATE participants SET status = 'declined' WHERE id = 'p8'")
+    conn.execute("DELETE FROM participants WHERE id IN ('p9', 'p10')")
+    for synthetic in (False, True):
+        counted = {row[0]: row[1] for row in conn.execute(
+            "SELECT cell, count(*) FROM participants WHERE status != 'declined' AND synthetic = ? GROUP BY cell",
+            (int(synthetic),))}
+        assert store.cell_counts(conn, "started", synthetic=synthetic) == counted and counted
