@@ -487,7 +487,8 @@ def study_versions(conn: sqlite3.Connection, include_synthetic: bool = False) ->
 
 
 def record_events(conn: sqlite3.Connection, events: Sequence[Mapping[str, Any]]) -> None:
-    """Several events in one transaction (each a mapping of record_event's arguments, with `at`)."""
+    """Events the dashboard counts (server errors), several in one transaction: each a mapping of
+    at, kind, pid, path, status and detail."""
     with transaction(conn):
         conn.executemany("INSERT INTO events (at, kind, pid, path, status, detail) VALUES (?, ?, ?, ?, ?, ?)",
                          [(e["at"], e["kind"], e.get("pid"), str(e.get("path", ""))[:200], e.get("status"),
