@@ -191,7 +191,7 @@ async def post_message(request: Request) -> Response:
         step = engine.respond(study, factors, state, text, problem=problem, seed=seed, link_values=values,
                               described=described)
         replies = await timed(res, factors, await bot_messages(res, participant, factors, step, started, early),
-                              started)
+                              started, classified=attempt_scores is not None)
     finally:
         if early is not None:
             early.cancel()  # not used (another prompt was needed) or the request failed: nobody waits for it

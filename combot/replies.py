@@ -107,13 +107,21 @@ async def bot_messages(res: Resources, participant: Any, factors: Mapping[str, s
 
 
 async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[store.NewMessage],
-                started: float) -> list[store.NewMessage]:
-    """The replies with `compute_ms` (now) and `shown_ms` (when each is due), by the cell's timing."""
+                started: float, classified: bool = False) -> list[store.NewMessage]:
+    """The replies with `compute_ms` (now) and `shown_ms` (when each is due), by the cell's timing.
+
+    In "matched" mode a reply to an opening the classifier read is drawn from LLM replies to
+    openings (they include the classification), any other from LLM replies to follow-ups, so each
+    kind of turn has the same reply times in every cell; the other kind's sample stands in while a
+    kind has none yet."""
     compute_ms = int((time.perf_counter() - started) * 1000)
     timing = res.study.timing(factors)
     sample: Sequence[int] = ()
-    if timing.mode == "matched" and res.latencies is not None:
-        sample = await res.latencies.get()
+    if timing.mode == "matched":
+        pools = [res.opening_latencies, res.latencies] if classified else [res.latencies, res.opening_latencies]
+        for pool in pools:
+            if pool is not None and (sample := await pool.get()):
+                break
     shown = plan(timing, [Outgoing(r.text, r.produced_by == "llm") for r in replies], compute_ms, sample,
                  random.Random())
     return [replace(r, compute_ms=compute_ms, shown_ms=due) for r, due in zip(replies, shown)]

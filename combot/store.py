@@ -536,14 +536,21 @@ def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id:
                                          (sent["id"],)).fetchall())
 
 
-def recent_llm_reply_ms(conn: sqlite3.Connection, limit: int = 200, scan: int = 20_000) -> list[int]:
+def recent_llm_reply_ms(conn: sqlite3.Connection, limit: int = 200, scan: int = 20_000,
+                        classified: bool | None = None) -> list[int]:
     """Compute times of the latest `limit` LLM-written replies among the last `scan` messages: the
     sample "matched" reply timing draws from. A range scan of the primary key, so it stays cheap
-    however large the study grows."""
+    however large the study grows.
+
+    `classified` keeps only the replies to messages the classifier read first (True: openings,
+    whose reply time includes the classification) or only the others (False: follow-ups), so a
+    held reply is drawn from LLM replies of its own kind."""
+    kind = "" if classified is None else (" AND (SELECT m.scores IS NOT NULL FROM messages m WHERE m.id = r.reply_to)"
+                                          f" = {int(classified)}")
     return [int(row[0]) for row in conn.execute(
-        "SELECT coalesce(compute_ms, latency_ms) FROM messages WHERE id > (SELECT coalesce(max(id), 0) FROM messages)"
-        " - ? AND produced_by = 'llm' AND coalesce(compute_ms, latency_ms) IS NOT NULL ORDER BY id DESC LIMIT ?",
-        (scan, limit))]
+        "SELECT coalesce(r.compute_ms, r.latency_ms) FROM messages r WHERE r.id > (SELECT coalesce(max(id), 0)"
+        " FROM messages) - ? AND r.produced_by = 'llm' AND coalesce(r.compute_ms, r.latency_ms) IS NOT NULL"
+        + kind + " ORDER BY r.id DESC LIMIT ?", (scan, limit))]
 
 
 def llm_reply_count(conn: sqlite3.Connection, participant_id: str) -> int:

@@ -99,7 +99,10 @@ def create_app(config_path: str | None = None, database: str | None = None, stud
                                         assets=assets.Assets.for_study(study),
                                         llm=create_llm(study.settings, database=db_path),
                                         starts=RateLimiter(starts, 60.0) if starts > 0 else None,
-                                        latencies=RecentLatencies(lambda: handle.read(store.recent_llm_reply_ms)))
+                                        latencies=RecentLatencies(
+                                            lambda: handle.read(store.recent_llm_reply_ms, classified=False)),
+                                        opening_latencies=RecentLatencies(
+                                            lambda: handle.read(store.recent_llm_reply_ms, classified=True)))
         app.state.admin_token = admin.ensure_token(study.settings, db_path)
         notify_ready()
         heartbeat = monitor.Heartbeat(handle)

@@ -33,8 +33,10 @@ class Resources:
     llm: ChatModel | None = None  # None: no LLM configured, the offline paraphraser answers
     # New sessions and declines per address ([server] session_rate_limit); None: no limit.
     starts: RateLimiter | None = None
-    # The study's recent LLM reply times, for "matched" reply timing (None: not needed).
+    # The study's recent LLM reply times, for "matched" reply timing (None: not needed): of
+    # follow-ups, and of openings (whose replies also wait for the classifier).
     latencies: RecentLatencies | None = None
+    opening_latencies: RecentLatencies | None = None
     # First messages waiting together are classified as one batch on the inference thread.
     batcher: Batcher = field(init=False)
 

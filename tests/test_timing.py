@@ -200,6 +200,23 @@ def test_the_store_gives_the_latest_llm_reply_times(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_openings_and_follow_ups_are_sampled_apart(tmp_path: Path) -> None:
+    """An opening's LLM reply also waited for the classifier: held replies draw from their own kind."""
+    conn = store.connect(tmp_path / "t.db")
+    conn.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at)"
+                 " VALUES ('p', 't', 'c', '{}', '{}', 0, 'started', 'x')")
+    for turn, scores, ms in [(1, '{"A": 0.9}', 1080), (2, None, 1010), (3, None, 1020)]:
+        incoming = conn.execute("INSERT INTO messages (participant_id, turn, sender, kind, text, scores, created_at)"
+                                " VALUES ('p', ?, 'participant', 'message', 'x', ?, 'x')", (turn, scores)).lastrowid
+        conn.execute("INSERT INTO messages (participant_id, turn, sender, kind, text, produced_by, compute_ms,"
+                     " reply_to, created_at) VALUES ('p', ?, 'bot', 'paraphrase', 'x', 'llm', ?, ?, 'x')",
+                     (turn, ms, incoming))
+    assert store.recent_llm_reply_ms(conn, classified=True) == [1080]
+    assert store.recent_llm_reply_ms(conn, classified=False) == [1020, 1010]
+    assert store.recent_llm_reply_ms(conn) == [1020, 1010, 1080]
+    conn.close()
+
+
 # --- through the app ----------------------------------------------------------------------------
 
 @pytest.fixture
