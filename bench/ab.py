@@ -42,7 +42,6 @@ def main() -> None:
                                    server_env={"PYTHONPATH": str(Path(checkout).resolve()), **extra})
             level = run_bench(options, say=lambda line: None)["levels"][0]
             runs[checkout].append(level)
-            every = level["latency"]["every reply"]
             mem = level.get("memory", {})
             print(f"run {run + 1} {checkout}: {level['succeeded']}/{level['participants']} ok, "
                   + ", ".join(f"{kind} p95 {row['p95'] * 1000:.0f} ms" for kind, row in level["latency"].items())

@@ -13,7 +13,6 @@ import math
 import os
 import random
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ from typing import Any, Callable, Iterator
 import httpx
 
 from combot import synthetic
-from combot.stats import percentile
 
 # The admin token of the server `combot bench` starts itself (a throw-away database).
 LOCAL_ADMIN_TOKEN = "bench"
