@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from combot.fakellm import FakeLLM, start_fake_llm
 from combot.study import Study
 from tests.openapi_check import check_response
 
@@ -43,6 +44,21 @@ def study_file(tmp_path: Path) -> Callable[..., Path]:
         path.write_text(text + append, encoding="utf-8")
         return path
     return make
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeLLM]:
+    """The fake OpenAI-compatible server on loopback, one per test module."""
+    server = start_fake_llm()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def reset_fake(fake: FakeLLM) -> FakeLLM:
+    """The module's fake LLM, answering at once again with its counters cleared."""
+    fake.configure(behaviour="answer", latency=0.0, slow_seconds=30, reset=True)
+    return fake
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import pytest
 from starlette.testclient import TestClient
 
 from combot.breaker import OPEN_REASON, CircuitBreaker, counts_as_failure
-from combot.fakellm import FakeLLM, start_fake_llm
+from combot.fakellm import FakeLLM
 from combot.llm import LLM, Fallback, LLMConfig, LLMReply
 from combot.study import load_study
 
@@ -25,19 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeLLM]:
-    server = start_fake_llm()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def reset_fake(fake: FakeLLM) -> FakeLLM:
-    fake.configure(behaviour="answer", latency=0.0, slow_seconds=30, reset=True)
-    return fake
 
 
 def test_which_fallbacks_count_as_failures() -> None:

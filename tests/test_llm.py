@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import httpx
 import pytest
@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from combot import engine
 from combot.cli import cli
 from combot.errors import ConfigError
-from combot.fakellm import FakeLLM, fake_paraphrase, start_fake_llm
+from combot.fakellm import FakeLLM, fake_paraphrase
 from combot.llm import (
     CONNECTIONS_PER_CLIENT,
     LLM,
@@ -60,19 +60,6 @@ FAILURES = [
     ("long", "bad response: too long"),
     ("shape", "bad response: no 'choices' list"),
 ]
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeLLM]:
-    server = start_fake_llm()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def reset_fake(fake: FakeLLM) -> FakeLLM:
-    fake.configure(behaviour="answer", latency=0.0, slow_seconds=30, reset=True)
-    return fake
 
 
 def complete(config: LLMConfig, text: str = MESSAGES[0], api_key: str | None = SECRET,
