@@ -87,6 +87,9 @@ hotel restaurant people someone somebody everyone everybody anyone nothing somet
 unfortunately luckily suddenly eventually finally instead meanwhile overall again already almost maybe perhaps
 thank thanks please sorry can could would will should why what how who which where whenever get
 am aren't wasn't weren't isn't haven't don't didn't doesn't can't won't listen look
+afterwards afterward later earlier soon sometimes usually often nowhere somehow somewhere anything
+anybody until unless without despite whatever half few less more much enough such other another either
+neither
 """.split())
 _QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
 _TOKEN = re.compile(r"[A-Za-z']+|[^A-Za-z']+")
@@ -212,14 +215,42 @@ def _put_back_subject(text: str) -> str:
     return text
 
 
-def _lower_first(text: str) -> str:
-    """The reflection goes mid-sentence: a common first word loses its capital; 'I' and names keep theirs."""
+# A contraction's first part is the word that decides ("That's" -> "that", "Couldn't" -> "could").
+_CONTRACTION = re.compile(r"(?:'s|'re|'ll|'d|'ve|'m|n't)$", re.IGNORECASE)
+_OPENS_SENTENCE = tuple(".!?:;\"(\u201c")
+
+
+def _used_as(word: str, original: str) -> str | None:
+    """How the participant wrote `word` where case tells something (not at the start of a sentence):
+    "common" when in lower case somewhere, "name" when always capitalised; None when nowhere."""
+    seen: set[str] = set()
+    for match in re.finditer(rf"(?<![A-Za-z']){re.escape(word)}(?![A-Za-z'])", original, re.IGNORECASE):
+        before = original[:match.start()].rstrip()
+        if not before or before.endswith(_OPENS_SENTENCE):
+            continue
+        seen.add("common" if match.group(0)[:1].islower() else "name")
+    if "common" in seen:
+        return "common"
+    return "name" if seen else None
+
+
+def _lower_first(text: str, original: str = "") -> str:
+    """The reflection goes mid-sentence: its first word loses its capital unless it is "I", quoted,
+    an acronym, or a name. A common word (or its contraction: "That's") is never taken for a name; any
+    other capitalised word is one (Amazon, FedEx, Brightmart) unless the participant wrote it in lower
+    case elsewhere, or it looks like a verb or adverb (-ed, -ing, -ly) and is never capitalised
+    mid-sentence."""
     first = text.split(" ", 1)[0]
-    bare = first.strip("'\"(").lower()
-    if first in ("I", "I'm", "I've", "I'd", "I'll") or not first[:1].isupper():
+    if not first[:1].isupper():  # lower case already, or quoted speech ("Leave me alone" ...)
         return text
-    if bare in _COMMON_STARTS or bare in _FIRST_TO_SECOND or bare in _SECOND_TO_FIRST or (
-            first[1:].islower() and bare.endswith(("ed", "ing", "ly"))):
+    if first in ("I", "I'm", "I've", "I'd", "I'll") or (len(first) > 1 and first.isupper()):
+        return text
+    bare = first.strip("'\"(").lower()
+    stem = _CONTRACTION.sub("", bare) or bare
+    if any(word in _COMMON_STARTS or word in _FIRST_TO_SECOND or word in _SECOND_TO_FIRST for word in (bare, stem)):
+        return first.lower() + text[len(first):]
+    used = _used_as(first.strip("'\"("), original) if original else None
+    if used == "common" or (used is None and first[1:].islower() and stem.endswith(("ed", "ing", "ly"))):
         return first.lower() + text[len(first):]
     return text
 
@@ -248,7 +279,7 @@ def reflect(text: str) -> str:
     sentence = re.sub("\x00(\\d+)\x00", lambda m: quotes[int(m.group(1))], sentence)
     result = " ".join(sentence.split()).strip().rstrip(" .!?,;:")
     result = re.sub(r"\s+([,;:])", r"\1", result)
-    result = _put_back_subject(_lower_first(result))
+    result = _put_back_subject(_lower_first(result, text))
     return result or "you had a bad experience"
 
 
@@ -278,4 +309,15 @@ def choose_paraphrase(text: str, templates: tuple[str, ...], rng: random.Random,
         templates, prefix = short_templates, "s"
     fresh = [i for i in range(len(templates)) if f"{prefix}{i}" not in used] or list(range(len(templates)))
     choice = rng.choice(fresh)
-    return templates[choice].replace("{reflection}", reflection), f"{prefix}{choice}"
+    return fill(templates[choice], reflection), f"{prefix}{choice}"
+
+
+def fill(template: str, reflection: str) -> str:
+    """Put the reflection (which starts in lower case unless it starts with a name or "I") into the
+    template; where the template starts a sentence with it, it gets a capital."""
+    parts = template.split("{reflection}")
+    out = parts[0]
+    for part in parts[1:]:
+        starts_sentence = not out.strip() or out.rstrip().endswith((".", "!", "?"))
+        out += (reflection[:1].upper() + reflection[1:] if starts_sentence else reflection) + part
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from combot.paraphrase import paraphrase, reflect
+from combot.paraphrase import fill, paraphrase, reflect
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -35,6 +35,37 @@ def test_short_messages_use_short_templates() -> None:
     assert paraphrase("no", ("So {reflection}.",), rng, ("Tell me more.",)) == "Tell me more."
     assert paraphrase("my parcel never came to me", ("So {reflection}.",), rng, ("Tell me more.",)) == \
         "So your parcel never came to you."
+
+
+@pytest.mark.parametrize("text, expected", [
+    # A common word keeps no capital mid-sentence, contracted or not (seen by `combot pilot`:
+    # "You wrote that That's everything you can think of.").
+    ("That's everything I can think of.", "that's everything you can think of"),
+    ("There's nothing else to add.", "there's nothing else to add"),
+    ("Couldn't get through to anyone.", "couldn't get through to anyone"),
+    ("Afterwards nobody called me.", "afterwards nobody called you"),
+    # A word the participant also wrote in lower case is a common word for them ...
+    ("Warehouse staff lost it and the warehouse never answered.", "warehouse staff lost it and the warehouse never answered"),
+    # ... and one they capitalised mid-sentence is a name, whatever it looks like.
+    ("Harding lost my file and Harding never called.", "Harding lost your file and Harding never called"),
+    ("Reading my emails took them a week.", "reading your emails took them a week"),
+    # Acronyms, "I" and quoted speech keep their capitals.
+    ("UPS lost my parcel.", "UPS lost your parcel"),
+    ("You said I would get a refund.", "I said you would get a refund"),
+    ('"Not my problem" was all the manager said.', '"Not my problem" was all the manager said'),
+])
+def test_a_reflection_starts_in_lower_case_unless_it_starts_with_a_name(text: str, expected: str) -> None:
+    assert reflect(text) == expected
+
+
+def test_the_template_decides_the_capital_where_the_reflection_goes() -> None:
+    said = "That's everything I can think of."
+    rng = random.Random(0)
+    assert paraphrase(said, ("Thanks. You wrote that {reflection}. Could you give me a little more?",), rng) == \
+        "Thanks. You wrote that that's everything you can think of. Could you give me a little more?"
+    assert fill("{reflection}? Tell me more.", "your parcel was late") == "Your parcel was late? Tell me more."
+    assert fill("Thanks. {reflection}, you say.", "your parcel was late") == "Thanks. Your parcel was late, you say."
+    assert fill("So {reflection}: and then?", "your parcel was late") == "So your parcel was late: and then?"
 
 
 # --- the independent table (issue 11) ----------------------------------------------------------------
