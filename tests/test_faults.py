@@ -263,7 +263,8 @@ def test_a_worker_connection_survives_power_loss_settings(app_client: Callable[.
 
 def test_a_database_locked_for_long_gets_503_and_the_same_request_then_succeeds(
         app_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
+    # Where it is declared: connect() and the writer's patience (store/handle.py) both read it there.
+    monkeypatch.setattr(store.schema, "BUSY_TIMEOUT_MS", 200)
     database = tmp_path / "study.db"
     c = app_client(database)
     session = c.post("/api/sessions", json={}).json()["session_id"]

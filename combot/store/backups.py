@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from combot.store.schema import BUSY_TIMEOUT_MS
+from combot.store import schema
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def backup(source: str | Path, target: str | Path) -> Backup:
     pending = target.with_name(f".{target.name}.{os.getpid()}.pending")
     pending.unlink(missing_ok=True)
     pending.touch(mode=0o600)  # it holds e-mail addresses: readable by its owner only
-    src = sqlite3.connect(str(source), timeout=BUSY_TIMEOUT_MS / 1000)
+    src = sqlite3.connect(str(source), timeout=schema.BUSY_TIMEOUT_MS / 1000)
     dst = sqlite3.connect(str(pending), isolation_level=None)
     try:
         src.backup(dst, pages=-1)

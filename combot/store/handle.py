@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from combot.errors import Unavailable
-from combot.store.schema import BUSY_TIMEOUT_MS, connect
+from combot.store import schema
+from combot.store.schema import connect
 from combot.store.transactions import WriteLock, transaction
 
 T = TypeVar("T")
@@ -136,7 +137,7 @@ class Store:
     def _commit(conn: sqlite3.Connection, lock: WriteLock, batch: list[_Job]) -> None:
         # A write that has waited longer than the busy timeout (the database was locked by something
         # else for long) gets its 503 now rather than after waiting its turn again.
-        patience = BUSY_TIMEOUT_MS / 1000
+        patience = schema.BUSY_TIMEOUT_MS / 1000
         batch = _fresh(batch, patience)
         if not batch:
             return
