@@ -89,16 +89,20 @@ def main() -> None:
     parser.add_argument("--sync", choices=["full", "off"], default="full")
     args = parser.parse_args()
     chained = store._Chain
+    # Swapped where record_turn and create_participant look it up (store/turns.py, store/participants.py).
+    users: tuple[Any, ...] = (store.turns, store.participants)
     medians: dict[str, list[float]] = {"with chain": [], "without": []}
     with tempfile.TemporaryDirectory(prefix="combot-chain-cost-") as tmp:
         for round_ in range(args.rounds):
             order: list[tuple[str, Callable[..., Any]]] = [("with chain", chained), ("without", _NoChain)]
             for label, kind in order if round_ % 2 == 0 else order[::-1]:
-                store._Chain = kind  # type: ignore[misc]
+                for module in users:
+                    module._Chain = kind
                 times = one_run(Path(tmp), f"{label.replace(' ', '-')}-{round_}", args.turns, args.participants,
                                 args.sync)
                 medians[label].append(statistics.median(times) * 1e6)
-        store._Chain = chained  # type: ignore[misc]
+        for module in users:
+            module._Chain = chained
     print(f"record_turn, {args.turns} turns x {args.rounds} rounds, synchronous={args.sync.upper()},"
           f" {args.participants} participants (median per turn, microseconds):")
     for label, values in medians.items():
