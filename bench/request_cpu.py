@@ -41,7 +41,7 @@ FOLLOW_UP = "I contacted them twice by email but nobody got back to me."
 # Where a sample's CPU goes: the innermost frame whose file matches decides (first match wins).
 CATEGORIES = [
     ("classifier", ("onnxruntime", "tokenizers", "combot/classifier.py", "numpy")),
-    ("store (SQLite, writer thread)", ("sqlite3", "combot/store.py", "sqlite_utils")),
+    ("store (SQLite, writer thread)", ("sqlite3", "combot/store/", "sqlite_utils")),
     ("JSON", ("json/",)),
     ("logging", ("logging/",)),
     ("HTTP parsing (h11)", ("h11/",)),

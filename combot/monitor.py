@@ -6,8 +6,8 @@
 - Memory: each worker's `Heartbeat` writes its resident memory (VmRSS from /proc/self/status)
   into `workers` every 10 s; the dashboard lists those seen in the last 30 s.
 
-`dashboard` is one read of the database. Its SQL lives here rather than in store.py because it is
-read-only reporting shaped by this page; every write goes through store.py.
+`dashboard` is one read of the database. Its SQL lives here rather than in combot/store/ because it
+is read-only reporting shaped by this page; every write goes through combot/store/.
 """
 
 from __future__ import annotations

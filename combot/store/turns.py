@@ -31,7 +31,7 @@ class NewMessage:
     stage: str | None = None
     expects: str | None = None
     scores: Mapping[str, float] | None = None
-    # On a bot reply to a participant message: see _v4 and the codebook.
+    # On a bot reply to a participant message: see _v6 (store/schema.py) and the codebook.
     compute_ms: int | None = None
     shown_ms: int | None = None
 
