@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -82,12 +83,22 @@ def notify_ready() -> None:
         _ready_event.set()
 
 
+# How long a thread waiting for the GIL lets the running one go on (Python's default: 5 ms). A
+# worker's writer thread holds the cross-process write lock while it runs a transaction, and gives
+# the GIL up at every SQLite call; with the event loop busy (parsing, JSON) it waited up to 5 ms to
+# win it back each time, so every process's writes waited behind a lock held ~10x longer than the
+# work in it. bench/write_lock.py, 8 processes, a busy loop in each: 811-841 writes/s at 5 ms,
+# 2,635-2,821 at 0.5 ms (1 ms: 2,113; 0.1 ms: 1,216, switching costs more than it saves).
+WORKER_SWITCH_INTERVAL = 0.0005
+
+
 def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any = None,
             study_env: dict[str, str] | None = None) -> None:
     global _ready_event
     from hypercorn.asyncio.run import asyncio_worker
 
     _ready_event = ready_event
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
     # The study version the supervisor checked, handed over here rather than through the exec'd
     # environment (whose single strings are limited to 128 KiB).
     os.environ.update(study_env or {})

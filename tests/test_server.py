@@ -306,6 +306,31 @@ def test_what_the_forkserver_preloads_starts_no_thread_and_leaves_onnxruntime_ou
     assert out.stdout.split() == ["1", "False", "False"]
 
 
+def test_after_the_preload_an_llm_call_imports_nothing_and_still_works(fake) -> None:  # type: ignore[no-untyped-def]
+    """A worker's first LLM call in a launch burst must not import httpx's connection pool or
+    anyio's backend (nor search sys.path for sniffio at every call); and with sniffio blocked,
+    httpcore must still run on asyncio."""
+    probe = (
+        "import asyncio, sys, combot.preload\n"
+        "from combot import llm\n"
+        "searched = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        searched.append(name)\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "async def go():\n"
+        f"    async with llm.LLM(llm.LLMConfig(base_url={fake.url!r}, model='fake-llm')) as client:\n"
+        "        before = set(sys.modules)\n"
+        "        first = await client.complete('You are kind.', 'My parcel never came.')\n"
+        "        second = await client.complete('You are kind.', 'Still nothing.')\n"
+        "        print(type(first).__name__, type(second).__name__, sorted(set(sys.modules) - before), searched)\n"
+        "asyncio.run(go())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["LLMReply", "LLMReply", "[]", "[]"]
+
+
 def test_the_access_log_names_participants_never_their_session_tokens(live_server: Callable[..., LiveServer],
                                                                        tmp_path: Path) -> None:
     access = tmp_path / "access.log"
