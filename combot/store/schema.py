@@ -21,37 +21,37 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["participants"].create({
+    db.table("participants").create({
         "id": str, "token": str, "cell": str, "cell_number": int, "factors": str, "assignment": str,
         "state": str, "version": int, "status": str, "problem_type": str, "scores": str, "turns": int,
         "created_at": str, "updated_at": str, "finished_at": str, "user_agent": str, "url_params": str,
         "platform_id": str,
     }, pk="id", not_null={"token", "cell", "factors", "state", "version", "status", "created_at"})
-    db["participants"].create_index(["token"], unique=True)
-    db["participants"].create_index(["platform_id"])
-    db["participants"].create_index(["cell", "status"])
-    db["messages"].create({
+    db.table("participants").create_index(["token"], unique=True)
+    db.table("participants").create_index(["platform_id"])
+    db.table("participants").create_index(["cell", "status"])
+    db.table("messages").create({
         "id": int, "participant_id": str, "turn": int, "sender": str, "kind": str, "text": str,
         "produced_by": str, "model": str, "latency_ms": int, "fallback_reason": str,
         "client_message_id": str, "reply_to": int, "created_at": str,
     }, pk="id", not_null={"participant_id", "turn", "sender", "kind", "text", "created_at"},
         foreign_keys=[("participant_id", "participants", "id")])
-    db["messages"].create_index(["participant_id", "id"])
-    db["messages"].create_index(["participant_id", "client_message_id"], unique=True)
-    db["emails"].create({"participant_id": str, "email": str, "created_at": str}, pk="participant_id",
-                        foreign_keys=[("participant_id", "participants", "id")])
+    db.table("messages").create_index(["participant_id", "id"])
+    db.table("messages").create_index(["participant_id", "client_message_id"], unique=True)
+    db.table("emails").create({"participant_id": str, "email": str, "created_at": str}, pk="participant_id",
+                              foreign_keys=[("participant_id", "participants", "id")])
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     """The researcher's side: when consent was given, server errors, and each worker's memory."""
-    db["participants"].add_column("consented_at", str)
-    db["participants"].create_index(["updated_at"])
-    db["messages"].create_index(["created_at"])  # the dashboard looks at the last few minutes
-    db["events"].create({"id": int, "at": str, "kind": str, "pid": int, "path": str, "status": int, "detail": str},
-                        pk="id", not_null={"at", "kind"})
-    db["events"].create_index(["at"])
-    db["workers"].create({"pid": int, "started_at": str, "seen_at": str, "rss_bytes": int, "host": str},
-                         pk=("pid", "started_at"), not_null={"seen_at"})
+    db.table("participants").add_column("consented_at", str)
+    db.table("participants").create_index(["updated_at"])
+    db.table("messages").create_index(["created_at"])  # the dashboard looks at the last few minutes
+    db.table("events").create({"id": int, "at": str, "kind": str, "pid": int, "path": str, "status": int,
+                               "detail": str}, pk="id", not_null={"at", "kind"})
+    db.table("events").create_index(["at"])
+    db.table("workers").create({"pid": int, "started_at": str, "seen_at": str, "rss_bytes": int, "host": str},
+                               pk=("pid", "started_at"), not_null={"seen_at"})
 
 
 def _v3(db: sqlite_utils.Database) -> None:
@@ -63,15 +63,15 @@ def _v3(db: sqlite_utils.Database) -> None:
     decision. `scores` on a message: the classifier's verdict on every opening attempt.
     `described_experience`: whether the participant's opening described an experience at all.
     """
-    db["participants"].add_column("client_key", str)
-    db["participants"].add_column("described_experience", int)
-    db["participants"].create_index(["client_key"], unique=True)
-    db["messages"].add_column("stage", str)
-    db["messages"].add_column("expects", str)
-    db["messages"].add_column("scores", str)
+    db.table("participants").add_column("client_key", str)
+    db.table("participants").add_column("described_experience", int)
+    db.table("participants").create_index(["client_key"], unique=True)
+    db.table("messages").add_column("stage", str)
+    db.table("messages").add_column("expects", str)
+    db.table("messages").add_column("scores", str)
     # Turns stored by an older Combot: what came next is read once from the replies they got (through
     # the reply_to index of v4, made here first: without it each row scans every message).
-    db["messages"].create_index(["reply_to"], if_not_exists=True)
+    db.table("messages").create_index(["reply_to"], if_not_exists=True)
     db.execute(
         "UPDATE messages SET expects = CASE"
         " WHEN EXISTS (SELECT 1 FROM messages r WHERE r.reply_to = messages.id AND r.kind = 'thanks') THEN 'done'"
@@ -84,31 +84,32 @@ def _v3(db: sqlite_utils.Database) -> None:
 def _v4(db: sqlite_utils.Database) -> None:
     """Which study version each participant saw, synthetic (bench, pilot) participants, and the
     index every turn's `WHERE reply_to = ?` needs (it was a full scan of messages)."""
-    db["participants"].add_column("study_version", str)
-    db["participants"].add_column("synthetic", int, not_null_default=0)
-    db["messages"].create_index(["reply_to"], if_not_exists=True)
-    db["study_versions"].create({"version": str, "text": str, "combot_version": str, "head_sha256": str,
-                                 "encoder_sha256": str, "first_served_at": str},
-                                pk="version", not_null={"text", "first_served_at"})
+    db.table("participants").add_column("study_version", str)
+    db.table("participants").add_column("synthetic", int, not_null_default=0)
+    db.table("messages").create_index(["reply_to"], if_not_exists=True)
+    db.table("study_versions").create({"version": str, "text": str, "combot_version": str, "head_sha256": str,
+                                       "encoder_sha256": str, "first_served_at": str},
+                                      pk="version", not_null={"text", "first_served_at"})
 
 
 def _v5(db: sqlite_utils.Database) -> None:
     """Hash chains (combot/chain.py): a hash on every message, participant and status change; the
     chain head and length on each participant; closing digests. Rows stored before get their
     chains computed here, once; `meta` records when (the chain is authoritative from then on)."""
-    db["participants"].add_column("hash", str)
-    db["participants"].add_column("chain_head", str)
-    db["participants"].add_column("chain_length", int)
-    db["messages"].add_column("seq", int)
-    db["messages"].add_column("hash", str)
-    db["status_changes"].create({
+    db.table("participants").add_column("hash", str)
+    db.table("participants").add_column("chain_head", str)
+    db.table("participants").add_column("chain_length", int)
+    db.table("messages").add_column("seq", int)
+    db.table("messages").add_column("hash", str)
+    db.table("status_changes").create({
         "id": int, "participant_id": str, "seq": int, "at": str, "status": str, "problem_type": str, "scores": str,
         "finished_at": str, "described_experience": int, "hash": str,
     }, pk="id", not_null={"participant_id", "seq", "at", "status", "hash"},
         foreign_keys=[("participant_id", "participants", "id")])
-    db["status_changes"].create_index(["participant_id", "seq"], unique=True)
-    db["digests"].create({"id": int, "at": str, "digest": str, "participants": int, "messages": int, "closing": int},
-                         pk="id", not_null={"at", "digest", "participants", "messages", "closing"})
+    db.table("status_changes").create_index(["participant_id", "seq"], unique=True)
+    db.table("digests").create({"id": int, "at": str, "digest": str, "participants": int, "messages": int,
+                                "closing": int},
+                               pk="id", not_null={"at", "digest", "participants", "messages", "closing"})
     conn = db.conn
     participants = messages = 0
     for row in conn.execute("SELECT * FROM participants ORDER BY created_at, id").fetchall():
@@ -133,15 +134,16 @@ def _v6(db: sqlite_utils.Database) -> None:
     """Reply timing (issue 14): on each bot reply to a participant message, `compute_ms` (until every
     reply of the turn was ready) and `shown_ms` (until this reply was due on the participant's screen)."""
     for name in ("compute_ms", "shown_ms"):
-        if name not in db["messages"].columns_dict:  # a re-run of the migrations after v6 (tests/test_verify.py)
-            db["messages"].add_column(name, int)
+        # Present already: a re-run of the migrations after v6 (tests/test_verify.py).
+        if name not in db.table("messages").columns_dict:
+            db.table("messages").add_column(name, int)
 
 
 def _v7(db: sqlite_utils.Database) -> None:
     """Balanced assignment counts the cells inside the write lock at every new session: from an index
     that holds every column it reads, not the participant rows (8x faster with 100k participants,
     bench/store_scale.py). It replaces the (cell, status) index, which it starts with."""
-    db["participants"].create_index(["cell", "synthetic", "status", "updated_at"], if_not_exists=True)
+    db.table("participants").create_index(["cell", "synthetic", "status", "updated_at"], if_not_exists=True)
     db.execute("DROP INDEX IF EXISTS idx_participants_cell_status")
 
 
