@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    import sqlite3
 
 FORMAT = "combot-chain-1"
 GENESIS = bytes(32)
@@ -83,7 +86,7 @@ def link(previous: str | None, kind: str, values: Mapping[str, Any]) -> str:
     return hashlib.sha256(before + encode(kind, values)).hexdigest()
 
 
-def status_values(row: Mapping[str, Any]) -> dict[str, Any]:
+def status_values(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
     """The status fields of a participant row (scores parsed from their stored JSON)."""
     scores = row["scores"]
     parsed = json.loads(scores) if isinstance(scores, str) and scores else scores

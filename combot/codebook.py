@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from combot import __version__, chain, store
 from combot.study import Study
@@ -49,7 +49,7 @@ PRODUCED_BY_MEANINGS = {
 }
 
 
-def _versions(study: Study, versions: Sequence[Mapping[str, Any]]) -> str:
+def _versions(study: Study, versions: Sequence[sqlite3.Row]) -> str:
     """Which versions of the study participants saw; each file's SHA-256 starts with its version."""
     lines = ["A study version is the first 12 hex digits of the SHA-256 of `study/<version>.toml`: the study file"
              " after defaults, with the SHA-256 of the classifier head and encoder in its first lines. Editing"
@@ -76,7 +76,7 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, anonymise: bool,
-             counts: Mapping[str, int], versions: Sequence[Mapping[str, Any]] = ()) -> str:
+             counts: Mapping[str, int], versions: Sequence[sqlite3.Row] = ()) -> str:
     ext = fmt
     missing = "an empty cell" if fmt == "csv" else "null"
     labels = ", ".join(f"`{p}`" for p in study.problem_types)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from combot import chain
 
 
-def participant_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
+def participant_link_values(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a participant row its `participant` link covers, named as in the export."""
     declined = row["status"] == "declined"
     return {"participant_id": row["id"], "cell": row["cell"], "cell_number": row["cell_number"],
@@ -19,7 +19,7 @@ def participant_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
             "study_version": row["study_version"], "synthetic": row["synthetic"]}
 
 
-def message_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
+def message_link_values(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a message row its link covers, named as in the export."""
     return {"participant_id": row["participant_id"], "message_id": row["id"], "turn": row["turn"],
             "sender": row["sender"], "kind": row["kind"], "text": row["text"], "produced_by": row["produced_by"],
@@ -30,7 +30,7 @@ def message_link_values(row: Mapping[str, Any]) -> dict[str, Any]:
             "compute_ms": _column(row, "compute_ms"), "shown_ms": _column(row, "shown_ms")}
 
 
-def _column(row: Mapping[str, Any], name: str) -> Any:
+def _column(row: sqlite3.Row | Mapping[str, Any], name: str) -> Any:
     keys = row.keys() if isinstance(row, sqlite3.Row) else row
     return row[name] if name in keys else None
 
