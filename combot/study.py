@@ -294,8 +294,8 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
 
     study = check.attempt(lambda: check.typed(data.get("study", {}), dict, "study")) or {}
     check.known(study, set(STUDY_KEYS), "study")
-    for key, kind in STUDY_KEYS.items():
-        if key in study and check.attempt(lambda: check.typed(study[key], kind, "study", key)) is None:
+    for key, expected in STUDY_KEYS.items():
+        if key in study and check.attempt(lambda: check.typed(study[key], expected, "study", key)) is None:
             del study[key]  # reported; the default stands in so the rest can still be checked
     followup_turns = study.get("followup_turns", 4)
     if not 0 <= followup_turns <= 20:
