@@ -52,7 +52,7 @@ def reply_times(conn: sqlite3.Connection, study: Study, since: str, drift_percen
     for row in rows:
         shown.setdefault(row["cell"], [0] * BUCKETS)[row["shown_b"]] += row["n"]
         compute.setdefault(row["cell"], [0] * BUCKETS)[row["compute_b"]] += row["n"]
-    cells = []
+    cells: list[dict[str, Any]] = []
     for cell in study.cells():
         label = study.cell_label(cell)
         timing = study.timing(cell)
