@@ -194,9 +194,9 @@ class Connection:
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         for attempt in (1, 2):
             if self._writer is None:
-                self._reader, self._writer = await asyncio.wait_for(
+                reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port, ssl=self.tls or None), self.timeout)
-                self._used = False
+                self._reader, self._writer, self._used = reader, writer, False
             reused = self._used
             try:
                 self._writer.write(raw)
