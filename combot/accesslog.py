@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from hypercorn.logging import AccessLogAtoms, Logger
+from hypercorn.logging import Logger
 
 SCOPE_KEY = "combot.participant_id"
 _SESSION = re.compile(r"(/api/sessions/)([^/?#]+)")
@@ -26,8 +26,9 @@ def public_path(scope: Mapping[str, Any]) -> str:
 class PrivateLogger(Logger):
     """Hypercorn's logger, fed the public path and no query string (`config.logger_class`)."""
 
-    def atoms(self, request: Any, response: Any, request_time: float) -> AccessLogAtoms:
+    def atoms(self, request: Any, response: Any, request_time: float) -> Mapping[str, str]:
         shown = dict(request)
         path = public_path(request)
         shown.update(path=path, raw_path=path.encode("utf-8", "replace"), query_string=b"")
+        # A plain dict where hypercorn declares its scope TypedDicts: the same keys, with the path replaced.
         return super().atoms(shown, response, request_time)  # type: ignore[arg-type]
