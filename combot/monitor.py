@@ -289,7 +289,7 @@ def dashboard(conn: sqlite3.Connection, study: Study) -> dict[str, Any]:
         "totals": totals, "funnel": funnel, "problem_types": problem_types, "openings": opening_rows,
         "replies": replies,
         "timeline": timeline, "workers": workers, "memory": memory, "thresholds": thresholds,
-        "versions": versions, "synthetic_left_out": synthetic, "digest": store.study_digest(conn),
+        "versions": versions, "synthetic_left_out": synthetic, "digest": store.study_digest(conn, reuse=True),
         "reply_timing": timing,
         "warnings": warnings(memory, replies, thresholds) + version_warnings(versions) + timing["warnings"],
     }

@@ -333,6 +333,63 @@ def test_the_dashboard_shows_the_study_digest_and_the_closing(client: Client, tm
     assert 'id="digest"' in c.get("/admin", headers=bearer()).text
 
 
+def test_a_message_between_two_dashboard_loads_changes_the_digest_shown(client: Client, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard reuses the digest while nothing it covers changed (it is linear in participants
+    and reloads every 5 s); it never shows a stale one, and it is the one `combot digest` and
+    `combot verify` give."""
+    from click.testing import CliRunner
+
+    from combot import verify
+    from combot.cli import cli
+
+    computed: list[int] = []
+    heads = store.chain_heads
+    monkeypatch.setattr(store.digests, "chain_heads", lambda conn: computed.append(1) or heads(conn))
+    c = client(environ={"COMBOT_ADMIN_TOKEN": TOKEN})
+    session = c.post("/api/sessions", json={}).json()["session_id"]
+
+    def shown() -> dict[str, Any]:
+        digest: dict[str, Any] = c.get("/admin/api/stats", headers=bearer()).json()["digest"]
+        assert digest["digest"] == verify.verify_database(tmp_path / "web.db").digest
+        printed = CliRunner().invoke(cli, ["digest", "--database", str(tmp_path / "web.db")]).output
+        assert f"study digest: {digest['digest']}" in printed
+        return digest
+
+    first = shown()
+    computed.clear()
+    assert c.get("/admin/api/stats", headers=bearer()).json()["digest"] == first and computed == []  # reused
+    turn = c.post(f"/api/sessions/{session}/messages", json={"text": "The courier lost my parcel."}).json()["turn"]
+    second = shown()
+    assert second["digest"] != first["digest"] and second["messages"] > first["messages"]
+    c.post(f"/api/sessions/{session}/messages", json={"text": "It was left in the rain.", "turn": turn})
+    assert shown()["digest"] not in (first["digest"], second["digest"])
+
+
+@pytest.mark.slow
+def test_no_worker_of_the_real_server_shows_a_stale_digest(live_server: Callable[..., Any]) -> None:
+    """Each worker process keeps its own last digest; a message answered by one worker changes what
+    every worker shows next (new connections, so the kernel spreads the loads over both workers)."""
+    from combot import verify
+
+    server = live_server(workers=2, env={"COMBOT_ADMIN_TOKEN": TOKEN})
+    with httpx.Client(timeout=30) as http:
+        created = http.post(server.url + "api/sessions", json={}).json()
+    session, turn = created["session_id"], created["turn"]
+    shown: list[str] = []
+    for text in ("The courier lost my parcel.", "It was left in the rain.", "Nobody answered my emails."):
+        expected = verify.verify_database(server.database).digest
+        loads = {httpx.get(server.url + "admin/api/stats", headers=bearer(), timeout=30).json()["digest"]["digest"]
+                 for _ in range(8)}
+        assert loads == {expected}
+        shown.append(expected)
+        answer = httpx.post(f"{server.url}api/sessions/{session}/messages", json={"text": text, "turn": turn},
+                            timeout=30)
+        assert answer.status_code == 200, answer.text
+        turn = answer.json()["turn"]
+    assert len(set(shown)) == 3
+
+
 def test_a_storm_of_server_errors_is_recorded_in_few_writes_and_none_is_lost(tmp_path: Path) -> None:
     """When the server is overloaded every request fails; one write per failure would lengthen the
     very queue that is too long. One write is in flight at a time; the rest join the next one."""

@@ -260,3 +260,92 @@ def test_the_cell_counts_kept_by_triggers_equal_a_count_of_the_rows(tmp_path: Pa
             "SELECT cell, count(*) FROM participants WHERE status != 'declined' AND synthetic = ? GROUP BY cell",
             (int(synthetic),))}
         assert store.cell_counts(conn, "started", synthetic=synthetic) == counted and counted
+
+
+# --- the study digest, reused by the dashboard while nothing it covers changed ---------------------
+
+def _fresh(conn: sqlite3.Connection) -> dict[str, Any]:
+    return store.study_digest(conn)
+
+
+def test_the_reused_digest_follows_every_change_another_connection_makes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, reader = store.connect(tmp_path / "d.db"), store.connect(tmp_path / "d.db")
+    computed: list[int] = []
+    heads = store.chain_heads
+
+    def counting(conn: sqlite3.Connection) -> Any:
+        computed.append(1)
+        return heads(conn)
+
+    monkeypatch.setattr(store.digests, "chain_heads", counting)
+
+    def shown() -> dict[str, Any]:
+        """What the dashboard shows, checked against a digest computed afresh at the same moment."""
+        reused = store.study_digest(reader, reuse=True)
+        assert reused == store.study_digest(reader)
+        return reused
+
+    new(writer, "p1")
+    new(writer, "p2")
+    first = shown()
+    computed.clear()
+    assert shown() == first and computed == [1]  # only the fresh one computed: the dashboard reused it
+    # Writes the digest does not cover (the workers' heartbeats, server errors) keep it.
+    store.record_worker(writer, pid=1, started_at=store.now(), rss_bytes=1)
+    store.record_events(writer, [{"at": store.now(), "kind": "error", "pid": 1, "status": 503, "path": "", "detail": ""}])
+    computed.clear()
+    assert shown() == first and computed == [1]
+
+    changes = [
+        lambda: store.record_turn(writer, Turn(participant_id="p1", expected_version=0, turn=1,
+                                               incoming=NewMessage("participant", "message", "hi"), replies=[],
+                                               state={}, status="started")),
+        lambda: writer.execute("UPDATE participants SET chain_head = ? WHERE id = 'p2'", ("ab" * 32,)),
+        lambda: writer.execute("DELETE FROM messages WHERE id = (SELECT max(id) FROM messages)"),
+        lambda: writer.execute("UPDATE participants SET synthetic = 1 WHERE id = 'p1'"),
+        lambda: writer.execute("UPDATE messages SET participant_id = 'p1' WHERE id = (SELECT min(id) FROM messages"
+                               " WHERE participant_id = 'p2')"),
+        lambda: new(writer, "p3"),
+        # By hand, as someone with the sqlite3 shell might (foreign keys are off there by default).
+        lambda: writer.executescript("PRAGMA foreign_keys = OFF; UPDATE participants SET id = 'p0', synthetic = 0"
+                                     " WHERE id = 'p1';"),
+        lambda: writer.execute("DELETE FROM participants WHERE id = 'p3'"),
+        lambda: writer.execute("INSERT INTO participants (id, token, cell, factors, state, version, status, created_at,"
+                               " synthetic, chain_head) SELECT 'p9', 'tok-p9', cell, factors, state, version, status,"
+                               " created_at, 0, chain_head FROM participants WHERE id = 'p2'"),
+        lambda: writer.execute("INSERT INTO messages (participant_id, turn, sender, kind, text, created_at)"
+                               " VALUES ('p9', 1, 'bot', 'question', 'by hand', '2026-01-01T00:00:00.000Z')"),
+    ]
+    before = first
+    for n, change in enumerate(changes):
+        change()
+        after = shown()
+        assert after != before, n
+        before = after
+
+
+def test_a_digest_is_never_reused_for_another_database_at_the_same_path(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    conn = store.connect(path)
+    new(conn, "p1")
+    first = store.study_digest(conn, reuse=True)
+    conn.close()
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    conn = store.connect(path)
+    new(conn, "q1")  # as many changes as the first database had: only its id tells them apart
+    assert store.study_digest(conn, reuse=True) == store.study_digest(conn) != first
+
+
+def test_a_digest_seen_inside_a_write_is_not_kept(conn: sqlite3.Connection) -> None:
+    new(conn, "p1")
+    kept = store.study_digest(conn, reuse=True)
+    with pytest.raises(RuntimeError):
+        with store.transaction(conn):
+            conn.execute("UPDATE participants SET chain_head = ? WHERE id = 'p1'", ("cd" * 32,))
+            assert store.study_digest(conn, reuse=True) != kept  # sees its own write, keeps nothing
+            raise RuntimeError("rolled back")
+    # Another change, committed, counts as many changes as the rolled-back one did.
+    conn.execute("UPDATE participants SET chain_head = ? WHERE id = 'p1'", ("ef" * 32,))
+    assert store.study_digest(conn, reuse=True) == store.study_digest(conn) != kept

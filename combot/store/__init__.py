@@ -7,7 +7,7 @@ and writes on another (`Store`), so the event loop never waits on the disk. Writ
 Callers use the names below (`from combot import store; store.record_turn(conn, turn)`); the
 modules hold them by subject:
 
-    schema        the tables, migrations v1 to v8, opening (and checking) a database
+    schema        the tables, migrations v1 to v9, opening (and checking) a database
     transactions  the writers' cross-process lock, write transactions, read snapshots
     handle        `Store`: a process's reader thread and group-committing writer thread
     participants  new sessions (assignment to a cell), declines, finding a participant

@@ -1,5 +1,5 @@
-"""The study digest over the stored chain heads, closing data collection, and the reads that verify
-and export walk the chains with."""
+"""The study digest over the stored chain heads (kept per process for the dashboard while nothing it
+covers changes), closing data collection, and the reads that verify and export walk the chains with."""
 
 from __future__ import annotations
 
@@ -26,20 +26,57 @@ def chain_heads(conn: sqlite3.Connection) -> Iterator[tuple[str, str | None]]:
         yield row[0], row[1]
 
 
-def study_digest(conn: sqlite3.Connection) -> dict[str, Any]:
-    """The study digest over the stored chain heads, with what it covers and the collection's state."""
+# The last study digest computed per database in this process, for `study_digest(reuse=True)`:
+# (database file, database id) -> (chain_changes.n, digest, participants, messages).
+_DIGESTS: dict[tuple[str, str], tuple[int, str, int, int]] = {}
+_DIGESTS_KEPT = 8
+
+
+def _digest_key(conn: sqlite3.Connection) -> tuple[tuple[str, str], int] | None:
+    """Which database this is and how often what the digest covers has changed (None before schema v9)."""
+    try:
+        row = conn.execute("SELECT n, database_id FROM chain_changes WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # an older database read as it is (verify, export of an archive)
+        return None
+    if row is None:
+        return None
+    file = next((entry[2] for entry in conn.execute("PRAGMA database_list") if entry[1] == "main"), "")
+    return (file, row[1]), int(row[0])
+
+
+def study_digest(conn: sqlite3.Connection, reuse: bool = False) -> dict[str, Any]:
+    """The study digest over the stored chain heads, with what it covers and the collection's state.
+
+    Linear in participants (and messages, for their count). With `reuse` (the dashboard, every few
+    seconds) the digest last computed in this process is given again while `chain_changes` says
+    nothing it covers has changed since; that counter is read in the same read transaction as the
+    heads, and every change to them bumps it in the transaction that makes it (schema v9), so a reused
+    digest is exactly the one the heads give. `combot digest`, `verify`, the export and closing
+    always compute it afresh. Never reused inside a write transaction, whose changes may yet roll back.
+    """
+    reuse = reuse and not conn.in_transaction
     with _read_snapshot(conn):
-        count = 0
+        key = _digest_key(conn) if reuse else None
+        kept = _DIGESTS.get(key[0]) if key else None
+        if key and kept and kept[0] == key[1]:
+            _, root, count, messages = kept
+        else:
+            count = 0
 
-        def counted() -> Iterator[tuple[str, str | None]]:
-            nonlocal count
-            for pair in chain_heads(conn):
-                count += 1
-                yield pair
+            def counted() -> Iterator[tuple[str, str | None]]:
+                nonlocal count
+                for pair in chain_heads(conn):
+                    count += 1
+                    yield pair
 
-        root = chain.digest(counted(), ordered=True)
-        messages = int(conn.execute("SELECT count(*) FROM messages WHERE participant_id IN"
-                                    " (SELECT id FROM participants WHERE synthetic = 0)").fetchone()[0])
+            root = chain.digest(counted(), ordered=True)
+            messages = int(conn.execute("SELECT count(*) FROM messages WHERE participant_id IN"
+                                        " (SELECT id FROM participants WHERE synthetic = 0)").fetchone()[0])
+            if key:
+                _DIGESTS.pop(key[0], None)
+                while len(_DIGESTS) >= _DIGESTS_KEPT:
+                    _DIGESTS.pop(next(iter(_DIGESTS)))
+                _DIGESTS[key[0]] = (key[1], root, count, messages)
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         closing = conn.execute("SELECT * FROM digests WHERE closing = 1 ORDER BY id DESC LIMIT 1").fetchone()
     return {"digest": root, "participants": count, "messages": messages,

@@ -169,7 +169,29 @@ def _v8(db: sqlite_utils.Database) -> None:
                  f" BEGIN {remove} {add} END")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
+def _v9(db: sqlite_utils.Database) -> None:
+    """What the study digest's cache is keyed by (`study_digest(reuse=True)`, the dashboard): a
+    counter bumped by triggers in the same transaction as every change of what the digest covers (a
+    participant row stored, changed or deleted; a message stored, moved or deleted), and an id drawn
+    when the table is made, so a cache never takes one database for another. Triggers, not code, as
+    for `cell_fill`: a row changed by hand in the sqlite3 shell bumps it too."""
+    conn = db.conn
+    conn.execute("CREATE TABLE IF NOT EXISTS chain_changes (id INTEGER PRIMARY KEY CHECK (id = 1),"
+                 " n INTEGER NOT NULL, database_id TEXT NOT NULL)")
+    conn.execute("INSERT OR IGNORE INTO chain_changes (id, n, database_id) VALUES (1, 0, lower(hex(randomblob(16))))")
+    bump = "BEGIN UPDATE chain_changes SET n = n + 1; END"
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_participant_insert AFTER INSERT ON participants {bump}")
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_participant_delete AFTER DELETE ON participants {bump}")
+    # Any change of a participant row: Combot changes them only with their chain. Naming no column
+    # leaves the researcher free to drop or rename columns in the sqlite3 shell.
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_participant_update AFTER UPDATE ON participants {bump}")
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_message_insert AFTER INSERT ON messages {bump}")
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_message_delete AFTER DELETE ON messages {bump}")
+    conn.execute(f"CREATE TRIGGER IF NOT EXISTS chain_changes_message_update AFTER UPDATE OF participant_id ON messages"
+                 f" {bump}")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9)
 SCHEMA_VERSION = len(MIGRATIONS)
 CHAIN_SCHEMA = MIGRATIONS.index(_v5) + 1  # the first schema version with hash chains
 
