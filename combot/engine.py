@@ -87,6 +87,30 @@ def needs_classification(state: State) -> bool:
     return state.stage == "chat" and state.turn == 0
 
 
+# An opening made of these words alone (and punctuation) holds no experience yet.
+_GREETING_WORDS = frozenset("""
+hi hello hey hiya heya howdy yo hallo greetings good morning afternoon evening day there everyone all folks
+ok okay k kk um umm uh uhm erm hmm hm yes yeah yep yup no nope sure alright thanks thank you ty lol oh ah
+test testing how are doing what's whats up sup
+""".split())
+
+
+def likely_reprompted(study: Study, state: State, text: str) -> bool:
+    """Whether an opening will most likely be re-prompted, judged before the classifier has seen it:
+    re-prompts are left and the text is greeting and filler words only ("hi", "good morning!", "ok",
+    "how are you?"), with no digit, emoji or other script (a complaint in another language). A guess
+    for sparing an early LLM call only: the opener head decides. Of the messages in data/openers/,
+    90 are such openings and the opener head re-prompts every one; none of the 698 experiences is one.
+    """
+    if not needs_classification(state) or state.reprompts >= study.max_reprompts:
+        return False
+    lower = text.lower()
+    words = re.findall(r"[a-z']+", lower)
+    if not words or len(words) > 6 or re.sub(r"[a-z'\s.,!?:;()\-]+", "", lower):
+        return False
+    return all(word in _GREETING_WORDS for word in words)
+
+
 def start(study: Study, cell: Cell) -> tuple[State, tuple[Reply, ...]]:
     return State(), (Reply("greeting", study.text("greeting", cell)),)
 

@@ -41,6 +41,9 @@ def start_early(res: Resources, participant: Any, factors: Mapping[str, str], st
     llm = res.llm
     if llm is None or not engine.needs_classification(state):
         return None
+    # "hi": the opener head will ask again, and a re-prompt needs no LLM (one provider call spared).
+    if res.classifier.opener is not None and engine.likely_reprompted(res.study, state, text):
+        return None
     allowed = llm.config.calls_allowed(participant["turns"])
     if allowed is not None and allowed < 1:
         return None

@@ -21,6 +21,8 @@ SCORES = {"A": 0.1, "B": 0.7, "C": 0.1, "Other": 0.1}
 class FakeClassifier:
     """Files every first message as a delivery problem (B)."""
 
+    opener = None  # no opener head: every opening describes an experience
+
     def classify(self, texts: list[str]) -> list[Classification]:
         return [Classification("B", dict(SCORES), "B") for _ in texts]
 

@@ -217,3 +217,32 @@ def test_a_study_without_reprompt_texts_names_the_fix(study_file) -> None:  # ty
     path = study_file({'[[reprompt]]\nwhen = { brand = "basic", think = "low" }': '[[greeting]]\nwhen = { brand = "basic", think = "low" }'})
     with pytest.raises(ConfigError, match=r"no \[\[reprompt\]\] block applies to cell basic-low-high.*max_reprompts = 0"):
         load_study(path)
+
+
+@pytest.mark.parametrize("text", ["hi", "Hello!", "good morning :)", "hey there", "ok", "Um, hi", "how are you?",
+                                  "thanks", "yes", "test"])
+def test_a_greeting_is_likely_reprompted_while_reprompts_are_left(text: str) -> None:
+    assert engine.likely_reprompted(STUDY, State(), text)
+    assert not engine.likely_reprompted(STUDY, State(reprompts=STUDY.max_reprompts), text)  # taken as it is then
+    assert not engine.likely_reprompted(STUDY, State(turn=1), text)  # not an opening
+
+
+@pytest.mark.parametrize("text", ["broken", "rude", "late", "scam", "not ok", "no reply", "hi, my order is late",
+                                  "hello, they charged me twice", "Mi paquete nunca llegó", "hi 2 weeks",
+                                  "kaputt", "hi 😡", "I have a complaint", ""])
+def test_anything_more_than_greeting_words_is_not(text: str) -> None:
+    assert not engine.likely_reprompted(STUDY, State(), text)
+
+
+def test_no_experience_written_for_the_opener_head_looks_like_a_greeting() -> None:
+    """The guess never holds back an experience (data/openers/: every file, 698 experiences)."""
+    import csv
+    import io
+    from pathlib import Path
+
+    rows = [row for path in sorted((Path(__file__).resolve().parent.parent / "data" / "openers").glob("*.csv"))
+            for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))]
+    experiences = [row["text"] for row in rows if row["label"] == "experience"]
+    assert len(experiences) > 600
+    assert [text for text in experiences if engine.likely_reprompted(STUDY, State(), text)] == []
+    assert sum(engine.likely_reprompted(STUDY, State(), row["text"]) for row in rows) >= 80

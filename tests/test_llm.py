@@ -501,6 +501,37 @@ def test_a_catch_all_label_cancels_the_early_call_and_asks_with_its_own_prompt(
     assert (row["produced_by"], row["fallback_reason"]) == ("llm", None)
 
 
+def test_no_early_call_for_a_greeting_the_opener_head_will_reprompt(
+        client: Client, reset_fake: FakeLLM, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """"hi" gets a re-prompt, which needs no LLM: no provider call is started for it (one was, and
+    cancelled, per re-prompt). Once no re-prompt is left, the greeting is the opening and it is asked."""
+    from combot import replies
+
+    started: list[object] = []
+    real = replies.start_early
+    monkeypatch.setattr("combot.api.start_early", lambda *a: started.append(real(*a)) or started[-1])
+    c = client(reset_fake)
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+
+    def send(text: str) -> None:
+        answer = c.post(f"/api/sessions/{token}/messages", json={"text": text})
+        assert answer.status_code == 200, answer.text
+
+    send("hi")
+    send("hello?")
+    assert reset_fake.stats()["requests"] == 0  # nothing asked for the two re-prompted greetings (was 2)
+    send("hi")
+    with sqlite3.connect(tmp_path / "llm.db") as conn:
+        kinds = [kind for (kind,) in conn.execute("SELECT kind FROM messages WHERE sender = 'bot' AND turn > 0"
+                                                  " ORDER BY id")]
+    assert kinds == ["reprompt", "reprompt", "paraphrase"]
+    assert [early is None for early in started] == [True, True, False]
+    assert reset_fake.stats()["requests"] >= 1
+    other = c.post("/api/sessions", json={}).json()["session_id"]
+    assert c.post(f"/api/sessions/{other}/messages", json={"text": MESSAGES[0]}).status_code == 200
+    assert started[-1] is not None  # a real first message still starts its call at once
+
+
 def test_no_early_call_when_a_problem_type_is_answered_from_a_script(
         client: Client, reset_fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         study_file: Callable[..., Path], started_app: Callable[..., TestClient]) -> None:
