@@ -341,11 +341,10 @@ def test_a_digest_is_never_reused_for_another_database_at_the_same_path(tmp_path
 def test_a_digest_seen_inside_a_write_is_not_kept(conn: sqlite3.Connection) -> None:
     new(conn, "p1")
     kept = store.study_digest(conn, reuse=True)
-    with pytest.raises(RuntimeError):
-        with store.transaction(conn):
-            conn.execute("UPDATE participants SET chain_head = ? WHERE id = 'p1'", ("cd" * 32,))
-            assert store.study_digest(conn, reuse=True) != kept  # sees its own write, keeps nothing
-            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError), store.transaction(conn):
+        conn.execute("UPDATE participants SET chain_head = ? WHERE id = 'p1'", ("cd" * 32,))
+        assert store.study_digest(conn, reuse=True) != kept  # sees its own write, keeps nothing
+        raise RuntimeError("rolled back")
     # Another change, committed, counts as many changes as the rolled-back one did.
     conn.execute("UPDATE participants SET chain_head = ? WHERE id = 'p1'", ("ef" * 32,))
     assert store.study_digest(conn, reuse=True) == store.study_digest(conn) != kept
