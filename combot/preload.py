@@ -19,16 +19,21 @@ from __future__ import annotations
 import gc
 import sys
 
-import anyio._backends._asyncio  # noqa: F401
-import httpcore  # noqa: F401
-import httpcore._backends.anyio  # noqa: F401
-import httpx  # noqa: F401
-import hypercorn.asyncio.run  # noqa: F401
-import numpy  # noqa: F401
-import tokenizers  # noqa: F401
+# httpx imports its command-line tool at `import httpx` whenever click is installed (Combot's CLI
+# needs it), and with it rich and pygments when they are: ~4 MB of every worker's memory for a tool
+# no worker runs. Marked absent, httpx skips it (its own fallback for a missing click).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-import combot.classifier  # noqa: F401
-import combot.web  # noqa: F401
+import anyio._backends._asyncio  # noqa: E402,F401
+import httpcore  # noqa: E402,F401
+import httpcore._backends.anyio  # noqa: E402,F401
+import httpx  # noqa: E402,F401
+import hypercorn.asyncio.run  # noqa: E402,F401
+import numpy  # noqa: E402,F401
+import tokenizers  # noqa: E402,F401
+
+import combot.classifier  # noqa: E402,F401
+import combot.web  # noqa: E402,F401
 
 # httpcore asks `import sniffio` at every connection-pool lock it sets up; without sniffio installed
 # (anyio no longer needs it) each such import failed after searching every folder on sys.path (and
