@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from combot import engine, store
 from combot.llm import Fallback, LLMReply
-from combot.timing import MAX_SECONDS, Outgoing, plan
+from combot.timing import MAX_SECONDS, Outgoing, Punctual, plan
 from combot.worker import Resources
 
 
@@ -130,6 +130,10 @@ async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[st
     return [replace(r, compute_ms=compute_ms, shown_ms=due) for r, due in zip(replies, shown)]
 
 
+# This worker's held replies (one per process: each worker has its own event loop).
+_punctual = Punctual()
+
+
 async def hold(replies: Sequence[Any]) -> None:
     """Right after the turn is stored, wait (an idle coroutine, no thread) out the rest of the first
     reply's designed delay: `shown_ms - compute_ms`. The commit's own few milliseconds thus come on
@@ -138,8 +142,7 @@ async def hold(replies: Sequence[Any]) -> None:
     client from their `delay_ms`."""
     if replies and replies[0]["shown_ms"] is not None and replies[0]["compute_ms"] is not None:
         wait = min(replies[0]["shown_ms"] - replies[0]["compute_ms"], MAX_SECONDS * 1000) / 1000
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await _punctual.sleep(wait)
 
 
 async def hold_repeat(replies: Sequence[Any]) -> None:
@@ -150,8 +153,7 @@ async def hold_repeat(replies: Sequence[Any]) -> None:
     stored_at = datetime.fromisoformat(str(replies[0]["created_at"]).replace("Z", "+00:00"))
     left = (replies[0]["shown_ms"] - replies[0]["compute_ms"]) / 1000
     wait = (stored_at - datetime.now(timezone.utc)).total_seconds() + min(left, MAX_SECONDS)
-    if wait > 0:
-        await asyncio.sleep(wait)
+    await _punctual.sleep(wait)
 
 
 def delays_ms(replies: Sequence[Any]) -> list[int]:

@@ -21,7 +21,7 @@ from combot import store
 from combot.errors import ConfigError
 from combot.stats import ks_2samp, mann_whitney_u, percentile
 from combot.study import load_study
-from combot.timing import Outgoing, RecentLatencies, Timing, plan, typing_ms
+from combot.timing import Outgoing, Punctual, RecentLatencies, Timing, plan, typing_ms
 from tests.inprocess import Client, client_factory
 
 FIXED = Timing(mode="typing", base=1.0, chars_per_second=10.0, jitter=0.0, min=0.0, max=30.0)
@@ -138,6 +138,37 @@ def test_matched_timing_removes_the_confound_and_none_shows_it() -> None:
 
 
 # --- the worker's sample ------------------------------------------------------------------------
+
+def test_held_replies_end_on_time_on_a_loop_that_wakes_late() -> None:
+    """A loop that wakes 1.5-2.5 ms late from every timed sleep: after a few sleeps the held replies
+    end, on average, at their designed moment; a sleep shorter than the lateness is not made negative."""
+    now = [0.0]
+    rng = random.Random(3)
+    slept: list[float] = []
+
+    async def late_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds + rng.uniform(0.0015, 0.0025)
+
+    async def run() -> list[float]:
+        punctual = Punctual(clock=lambda: now[0], sleep=late_sleep)
+        ended = []
+        for _ in range(200):
+            began = now[0]
+            await punctual.sleep(1.0)
+            ended.append(now[0] - began)
+        before = len(slept)
+        await punctual.sleep(0.001)  # shorter than the lateness: starts at once, never a negative sleep
+        assert slept[before] >= 0
+        await punctual.sleep(0)  # nothing to wait: no sleep at all
+        assert len(slept) == before + 1
+        return ended
+
+    ended = asyncio.run(run())
+    assert ended[0] > 1.0015  # the first sleep knows nothing yet
+    assert abs(statistics.mean(ended[20:]) - 1.0) < 0.0003
+    assert abs(statistics.median(ended[20:]) - 1.0) < 0.0003
+
 
 def test_the_sample_is_read_once_per_refresh_and_in_the_background() -> None:
     now = [0.0]
