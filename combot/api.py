@@ -18,7 +18,7 @@ from combot import accesslog, consent, embed, engine, openapi, recruitment, stor
 from combot.assignment import choose_cell
 from combot.errors import Conflict, ConsentRequired, NotFound, TooManyRequests
 from combot.parsing import claimed_turn, client_key, client_message_id, message_text, read_json
-from combot.replies import bot_messages, delays_ms, hold, hold_repeat, start_early, timed
+from combot.replies import bot_messages, delays_ms, hold, start_early, timed
 from combot.resources import static_dir
 from combot.study import Study
 from combot.worker import Resources, limit_starts, resources
@@ -164,8 +164,7 @@ async def post_message(request: Request) -> Response:
     # A repeat is answered from what was stored the first time, whatever the turn now is.
     if client_id is not None:
         earlier = await res.store.read(store.replies_to, participant["id"], client_id)
-        if earlier is not None:
-            await hold_repeat(earlier.replies)
+        if earlier is not None:  # stored when its first reply was due: answered at once
             return _turn_response(study, earlier, values, participant)
     if not res.limiter.allow(participant["id"]):
         raise TooManyRequests("you are sending messages too quickly; please wait a moment")
@@ -204,6 +203,9 @@ async def post_message(request: Request) -> Response:
     incoming = store.NewMessage("participant", "email" if state.stage == "email" else "message", shown,
                                 client_message_id=client_id, stage=step.state.stage, expects=step.expects,
                                 scores=attempt_scores)
+    # A scripted reply waits for its designed moment as an LLM reply waits for the LLM; then both are
+    # stored the same way and sent once on disk (nothing is lost if this worker dies after that).
+    await hold(replies, started)
     try:
         stored = await res.store.run(store.record_turn, store.Turn(
             participant_id=participant["id"], expected_version=participant["version"],
@@ -219,8 +221,6 @@ async def post_message(request: Request) -> Response:
         # this conversation has left behind, so it is not stored.
         now = await res.store.read(store.participant_by_token, token)
         return await _stale(res, now, "this conversation has moved on in another window; here it is as it is now")
-    # Stored first (nothing is lost if this worker dies now), then held until the reply is due.
-    await hold(stored.replies)
     return _turn_response(study, stored, values, participant)
 
 

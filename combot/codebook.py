@@ -188,10 +188,11 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
                                 " the participant's screen, as the cell's reply timing designed it (see Reply"
                                 " timing below): the turn's first reply at the later of `compute_ms` and its"
                                 " designed delay, each further reply of the turn its own typing delay after the one"
-                                " before. Decided before the turn is stored and never updated: the server stores"
-                                " every message before it answers, then holds the answer for `shown_ms` minus"
-                                " `compute_ms` more, so every reply leaves the server the commit's own few"
-                                " milliseconds after `shown_ms` (in every cell and mode alike). Network time to"
+                                " before. Decided before the turn is stored and never updated: the server waits"
+                                " until the turn's first reply is due, then stores the turn and answers, so every"
+                                " reply leaves the server the commit's own few milliseconds after `shown_ms` (in"
+                                " every cell and mode alike; an LLM reply's `shown_ms` is its `compute_ms`,"
+                                " stored as soon as its text arrived). Network time to"
                                 " the participant's browser is not included. Empty where `compute_ms` is"),
         ("fallback_reason", "text", "why a scripted or template text stood in for a language model (e.g. a"
                                     " timeout); empty otherwise"),

@@ -7,7 +7,6 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from combot import engine, store
@@ -134,26 +133,20 @@ async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[st
 _punctual = Punctual()
 
 
-async def hold(replies: Sequence[Any]) -> None:
-    """Right after the turn is stored, wait (an idle coroutine, no thread) out the rest of the first
-    reply's designed delay: `shown_ms - compute_ms`. The commit's own few milliseconds thus come on
-    top of `shown_ms` for every reply in every cell alike, so a held reply matches an LLM reply,
-    which is committed just as long after it was ready. The turn's later replies are paced by the
-    client from their `delay_ms`."""
-    if replies and replies[0]["shown_ms"] is not None and replies[0]["compute_ms"] is not None:
-        wait = min(replies[0]["shown_ms"] - replies[0]["compute_ms"], MAX_SECONDS * 1000) / 1000
-        await _punctual.sleep(wait)
+async def hold(replies: Sequence[store.NewMessage], started: float) -> None:
+    """Wait (an idle coroutine, no thread) until the turn's first reply is due, `shown_ms` after the
+    participant's message arrived (`started`, a perf_counter time), before the turn is stored.
 
-
-async def hold_repeat(replies: Sequence[Any]) -> None:
-    """A repeated request (the page retried after losing the answer) is answered no earlier than the
-    first one was due: the stored turn's time plus what was left of its hold."""
-    if not replies or replies[0]["shown_ms"] is None or replies[0]["compute_ms"] is None:
-        return
-    stored_at = datetime.fromisoformat(str(replies[0]["created_at"]).replace("Z", "+00:00"))
-    left = (replies[0]["shown_ms"] - replies[0]["compute_ms"]) / 1000
-    wait = (stored_at - datetime.now(timezone.utc)).total_seconds() + min(left, MAX_SECONDS)
-    await _punctual.sleep(wait)
+    An LLM reply is stored when its text arrives and sent when stored; a held reply is stored when
+    it is due and sent when stored: the same path through the store at the same moment of the turn,
+    so the commit adds the same to both (held after the commit, a held reply's commit came when the
+    messages of a turn arrive together, the LLM's a second later, and the cells differed by that).
+    Nothing acknowledged waits unstored: the participant has no answer until the turn is stored,
+    and a retry of the same message is then answered from the store at once. The turn's later
+    replies are paced by the client from their `delay_ms`."""
+    if replies and replies[0].shown_ms is not None:
+        due = started + min(replies[0].shown_ms, MAX_SECONDS * 1000) / 1000
+        await _punctual.sleep(due - time.perf_counter())
 
 
 def delays_ms(replies: Sequence[Any]) -> list[int]:
