@@ -115,10 +115,10 @@ def analyse(high: list[float], low: list[float]) -> dict[str, Any]:
 
 
 def run(modes: list[str], users: int, warmup: int, think_time: float, llm_latency: float, workers: int,
-        seed: int) -> dict[str, Any]:
+        seed: int, llm_jitter: float = 0.0) -> dict[str, Any]:
     report: dict[str, Any] = {"users": users, "warmup": warmup, "think_time": think_time,
-                              "llm_latency": llm_latency, "workers": workers, "modes": {}}
-    with running_fake_llm(latency=llm_latency) as llm_url, tempfile.TemporaryDirectory(prefix="combot-timing-") as tmp:
+                              "llm_latency": llm_latency, "llm_jitter": llm_jitter, "workers": workers, "modes": {}}
+    with running_fake_llm(latency=llm_latency, jitter=llm_jitter) as llm_url, tempfile.TemporaryDirectory(prefix="combot-timing-") as tmp:
         for mode in modes:
             workdir = Path(tmp) / mode
             workdir.mkdir()
@@ -157,7 +157,9 @@ def run(modes: list[str], users: int, warmup: int, think_time: float, llm_latenc
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['users']} participants (after {report['warmup']} warm-up), think time {report['think_time']} s,"
-             f" fake LLM at {report['llm_latency']} s, {report['workers']} workers; follow-up turns, client-measured:"]
+             f" fake LLM at {report['llm_latency']} s"
+             + (f" +- {report['llm_jitter']:.0%}" if report.get("llm_jitter") else "")
+             + f", {report['workers']} workers; follow-up turns, client-measured:"]
     for mode, r in report["modes"].items():
         lines.append(
             f"  {mode:>8}: high n={r['n_high']} median {r['median_high_ms']:.0f} ms p90 {r['p90_high_ms']:.0f} ms |"
@@ -181,19 +183,23 @@ def format_report(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100)
-    # Enough warm-up participants that the LLM replies to openings they leave behind are not mostly
-    # the first call of each worker (a new connection to the LLM: a few ms slower): the measured
-    # run's first held openings are drawn from them alone.
-    parser.add_argument("--warmup", type=int, default=48)
+    # As many warm-up participants as measured ones (the default): the measured run's first held
+    # replies are drawn from the LLM reply times the warm-up leaves, which must come from the same
+    # load (a lighter warm-up left LLM times a millisecond off, which the tests detect against the
+    # fake LLM's few milliseconds of spread) and not mostly from each worker's first, cold LLM call.
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up participants (default: --users)")
     parser.add_argument("--think-time", type=float, default=1.0)
     parser.add_argument("--llm-latency", type=float, default=1.0)
+    parser.add_argument("--llm-jitter", type=float, default=0.0,
+                        help="each fake answer after latency * (1 +- jitter), as a real LLM varies")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--modes", default="matched,none")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
-    report = run([m.strip() for m in args.modes.split(",") if m.strip()], args.users, args.warmup, args.think_time,
-                 args.llm_latency, args.workers, args.seed)
+    warmup = args.users if args.warmup is None else args.warmup
+    report = run([m.strip() for m in args.modes.split(",") if m.strip()], args.users, warmup, args.think_time,
+                 args.llm_latency, args.workers, args.seed, args.llm_jitter)
     print(format_report(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2))

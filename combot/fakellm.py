@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import random
 import signal
 import threading
 import time
@@ -91,6 +92,7 @@ def play_persona(messages: list[dict[str, Any]]) -> str | None:
 class FakeState:
     behaviour: str = "answer"
     latency: float = 0.0
+    jitter: float = 0.0  # each answer after latency * a uniform factor in 1 +- jitter
     slow_seconds: float = 60.0
     requests: int = 0
     max_in_flight: int = 0
@@ -104,6 +106,10 @@ class FakeState:
             raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
         self.behaviour = behaviour
         self.latency = float(body.get("latency", self.latency))
+        jitter = float(body.get("jitter", self.jitter))
+        if not 0 <= jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+        self.jitter = jitter
         self.slow_seconds = float(body.get("slow_seconds", self.slow_seconds))
         if body.get("reset"):
             # A fresh start: drop calls still being answered (e.g. "slow" ones whose client gave up).
@@ -115,7 +121,7 @@ class FakeState:
             self.authorization = []
 
     def stats(self) -> dict[str, Any]:
-        return {"behaviour": self.behaviour, "latency": self.latency, "requests": self.requests,
+        return {"behaviour": self.behaviour, "latency": self.latency, "jitter": self.jitter, "requests": self.requests,
                 "in_flight": len(self.active), "max_in_flight": self.max_in_flight,
                 "last_request": self.last_request, "authorization": sorted(set(self.authorization))}
 
@@ -144,7 +150,8 @@ async def _completion(state: FakeState, body: bytes, headers: dict[str, str]) ->
         if "authorization" in headers:
             state.authorization.append(headers["authorization"])
         behaviour = state.behaviour
-        await asyncio.sleep(state.slow_seconds if behaviour == "slow" else state.latency)
+        await asyncio.sleep(state.slow_seconds if behaviour == "slow"
+                            else state.latency * random.uniform(1 - state.jitter, 1 + state.jitter))
         model = request.get("model") or DEFAULT_MODEL
         if behaviour == "429":
             return 429, "application/json", b'{"error": {"message": "rate limited", "type": "rate_limit"}}'
@@ -238,10 +245,11 @@ class FakeLLM:
         return self.url[: -len("/v1")]
 
     def configure(self, behaviour: str | None = None, latency: float | None = None,
-                  slow_seconds: float | None = None, reset: bool = False) -> dict[str, Any]:
+                  slow_seconds: float | None = None, reset: bool = False, jitter: float | None = None) -> dict[str, Any]:
         """Change what the fake does from now on; `reset` zeroes its counters. Returns `stats()`."""
         body: dict[str, Any] = {"reset": reset}
-        for name, value in (("behaviour", behaviour), ("latency", latency), ("slow_seconds", slow_seconds)):
+        for name, value in (("behaviour", behaviour), ("latency", latency), ("slow_seconds", slow_seconds),
+                            ("jitter", jitter)):
             if value is not None:
                 body[name] = value
         response = httpx.post(self.root + "/_fake/config", json=body, timeout=10)
@@ -264,12 +272,14 @@ class FakeLLM:
 
 
 def start_fake_llm(latency: float = 0.0, behaviour: str = "answer", *, process: bool = False,
-                   host: str = "127.0.0.1", port: int = 0) -> FakeLLM:
+                   host: str = "127.0.0.1", port: int = 0, jitter: float = 0.0) -> FakeLLM:
     """Start a fake on a free loopback port (or `port`): in a daemon thread, or with `process=True`
     in a process of its own (use that under load, so the fake never competes for your GIL)."""
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
-    state = FakeState(behaviour=behaviour, latency=latency)
+    if not 0 <= jitter <= 1:
+        raise ValueError("jitter must be between 0 and 1")
+    state = FakeState(behaviour=behaviour, latency=latency, jitter=jitter)
     if process:
         return _start_process(state, host, port)
     return _start_thread(state, host, port)
@@ -277,9 +287,9 @@ def start_fake_llm(latency: float = 0.0, behaviour: str = "answer", *, process: 
 
 @contextlib.contextmanager
 def running_fake_llm(latency: float = 0.0, behaviour: str = "answer", *, process: bool = True,
-                     host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+                     host: str = "127.0.0.1", port: int = 0, jitter: float = 0.0) -> Iterator[str]:
     """`with running_fake_llm(latency=1.0) as url:` a fake (in its own process by default) at base URL `url`."""
-    fake = start_fake_llm(latency, behaviour, process=process, host=host, port=port)
+    fake = start_fake_llm(latency, behaviour, process=process, host=host, port=port, jitter=jitter)
     try:
         yield fake.url
     finally:
@@ -380,11 +390,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--jitter", type=float, default=0.0, help="each answer after latency * (1 +- jitter)")
     parser.add_argument("--behaviour", default="answer", choices=sorted(BEHAVIOURS))
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        server = await serve(FakeState(behaviour=args.behaviour, latency=args.latency), args.host, args.port)
+        server = await serve(FakeState(behaviour=args.behaviour, latency=args.latency, jitter=args.jitter),
+                             args.host, args.port)
         host, port = server.sockets[0].getsockname()[:2]
         print(f"fake LLM at {_url(host, port)}  (behaviour {args.behaviour}, latency {args.latency} s)", flush=True)
         async with server:

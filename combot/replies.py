@@ -116,7 +116,9 @@ async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[st
     openings (they include the classification), any other from LLM replies to follow-ups, so each
     kind of turn has the same reply times in every cell; the other kind's sample stands in while a
     kind has none yet."""
-    compute_ms = int((time.perf_counter() - started) * 1000)
+    # Rounded, not truncated: a held reply is due at an LLM reply time drawn from these, and truncation
+    # would show it half a millisecond before the LLM replies it copies, on average.
+    compute_ms = round((time.perf_counter() - started) * 1000)
     timing = res.study.timing(factors)
     sample: Sequence[int] = ()
     if timing.mode == "matched":

@@ -57,7 +57,7 @@ def fake() -> Iterator[FakeLLM]:
 @pytest.fixture
 def reset_fake(fake: FakeLLM) -> FakeLLM:
     """The module's fake LLM, answering at once again with its counters cleared."""
-    fake.configure(behaviour="answer", latency=0.0, slow_seconds=30, reset=True)
+    fake.configure(behaviour="answer", latency=0.0, jitter=0.0, slow_seconds=30, reset=True)
     return fake
 
 

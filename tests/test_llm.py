@@ -127,6 +127,20 @@ def test_nothing_listening_is_a_connection_fallback() -> None:
     assert isinstance(outcome, Fallback) and outcome.reason == "connection"
 
 
+def test_the_fake_can_vary_its_latency_as_a_real_llm_does(reset_fake: FakeLLM) -> None:
+    """`jitter` spreads each answer over latency * (1 +- jitter); never shorter than the low end."""
+    with pytest.raises(ValueError, match="jitter"):
+        reset_fake.configure(jitter=1.5)
+    assert reset_fake.configure(latency=0.05, jitter=0.8)["jitter"] == 0.8
+
+    async def go() -> list[LLMReply | Fallback]:
+        async with LLM(LLMConfig(base_url=reset_fake.url, timeout=60)) as llm:
+            return await asyncio.gather(*(llm.complete("Paraphrase.", text) for text in MESSAGES * 4))
+
+    outcomes = asyncio.run(go())
+    assert all(isinstance(o, LLMReply) and o.latency_ms >= 10 for o in outcomes)
+
+
 def test_calls_in_flight_never_pass_the_cap(reset_fake: FakeLLM) -> None:
     reset_fake.configure(latency=0.2)
 
