@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from combot import engine, store
 from combot.llm import Fallback, LLMReply
-from combot.timing import MAX_SECONDS, Outgoing, Punctual, plan
+from combot.timing import MAX_SECONDS, Outgoing, Punctual, hold_limit_ms, plan
 from combot.worker import Resources
 
 
@@ -127,7 +127,7 @@ async def timed(res: Resources, factors: Mapping[str, str], replies: Sequence[st
             if pool is not None and (sample := await pool.get()):
                 break
     shown = plan(timing, [Outgoing(r.text, r.produced_by == "llm") for r in replies], compute_ms, sample,
-                 random.Random())
+                 random.Random(), hold_limit_ms(res.study.settings["server.request_timeout"]))
     return [replace(r, compute_ms=compute_ms, shown_ms=due) for r, due in zip(replies, shown)]
 
 

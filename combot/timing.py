@@ -90,17 +90,25 @@ def first_delay_ms(timing: Timing, reply: Outgoing, sample: Sequence[int], rng: 
     return typing_ms(timing, reply.text, rng)
 
 
+def hold_limit_ms(request_timeout: float) -> int:
+    """The longest the server may hold a turn's first reply: MAX_SECONDS, and never more than half
+    the request timeout. A turn is stored only when its first reply is due, so a hold the request
+    timeout cut short would store nothing, answer 503, and every retry would be held and cut again."""
+    return round(1000 * min(MAX_SECONDS, request_timeout / 2))
+
+
 def plan(timing: Timing, replies: Sequence[Outgoing], compute_ms: int, sample: Sequence[int],
-         rng: random.Random) -> list[int]:
+         rng: random.Random, limit_ms: int = round(MAX_SECONDS * 1000)) -> list[int]:
     """`shown_ms` of each reply: milliseconds from the participant's message to the reply being shown.
 
-    The first is shown at its designed delay or when computed, whichever is later; each later one
-    follows the one before it after its own typing delay (none in mode "none").
+    The first is shown at its designed delay (held no longer than `limit_ms`, see `hold_limit_ms`)
+    or when computed, whichever is later; each later one follows the one before it after its own
+    typing delay (none in mode "none").
     """
     shown: list[int] = []
     for position, reply in enumerate(replies):
         if position == 0:
-            shown.append(max(compute_ms, first_delay_ms(timing, reply, sample, rng)))
+            shown.append(max(compute_ms, min(limit_ms, first_delay_ms(timing, reply, sample, rng))))
         else:
             gap = 0 if timing.mode == "none" else typing_ms(timing, reply.text, rng)
             shown.append(shown[-1] + gap)

@@ -10,9 +10,10 @@ import asyncio
 import random
 import sqlite3
 import statistics
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 from starlette.testclient import TestClient
@@ -312,3 +313,137 @@ def test_the_benchmark_measures_the_confound_with_mode_none() -> None:
     assert none["compute_median_high_ms"] < none["compute_median_low_ms"]
     # Matched: the scripted replies were held (their compute stays small, what the client saw did not).
     assert matched["compute_median_high_ms"] < 200 <= matched["median_high_ms"]
+
+
+class Gate:
+    """Stands in for the hold's sleep: each hold waits until the test lets it go, so a test knows a
+    request is holding (not merely sent) and decides which held turn reaches the store first."""
+
+    def __init__(self) -> None:
+        self.entered: list[threading.Event] = []
+        self.released: list[threading.Event] = []
+
+    async def sleep(self, seconds: float) -> None:
+        entered, released = threading.Event(), threading.Event()
+        self.released.append(released)
+        self.entered.append(entered)
+        entered.set()
+        while not released.is_set():
+            await asyncio.sleep(0.005)
+
+    def wait_holding(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.entered) < count:
+            assert time.monotonic() < deadline, f"{len(self.entered)} of {count} requests holding"
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    from combot import replies
+    g = Gate()
+    monkeypatch.setattr(replies, "_punctual", Punctual(sleep=g.sleep))
+    return g
+
+
+HELD = '\n[[timing]]\nmode = "typing"\nbase = 5\njitter = 0\nmin = 5\nmax = 5\n'
+
+
+def _post_in_thread(c: TestClient, path: str, body: dict) -> Callable[[], Any]:
+    done: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: done.setdefault("response", c.post(path, json=body)))
+    thread.start()
+
+    def result() -> Any:
+        thread.join(30)
+        assert not thread.is_alive()
+        return done["response"]
+    return result
+
+
+def _turns(database: Path, token: str) -> list[tuple[str, str | None]]:
+    conn = sqlite3.connect(database)
+    rows = conn.execute("SELECT m.sender, m.client_message_id FROM messages m JOIN participants p"
+                        " ON p.id = m.participant_id WHERE p.token = ? AND m.kind != 'greeting' ORDER BY m.id",
+                        (token,)).fetchall()
+    conn.close()
+    return rows
+
+
+@pytest.mark.parametrize("first_stored", ["first", "retry"])
+def test_a_retry_while_the_first_request_holds_is_stored_once_and_answered_alike(
+        client: Client, study_file: Callable[..., Path], tmp_path: Path, gate: Gate, first_stored: str) -> None:
+    """The page lost its connection and sent the same message again while the server held the first
+    request's answer (nothing stored yet): whichever reaches the store first decides; the message and
+    one answer are stored once, and both requests get that same answer."""
+    c = client(study_file(append=HELD))
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    path, body = f"/api/sessions/{token}/messages", {"text": "My parcel never arrived at all.",
+                                                      "client_message_id": "m0", "turn": 1}
+    first = _post_in_thread(c, path, body)
+    gate.wait_holding(1)
+    retry = _post_in_thread(c, path, body)
+    gate.wait_holding(2)
+    order = [0, 1] if first_stored == "first" else [1, 0]
+    answers = {}
+    for i in order:
+        gate.released[i].set()
+        answers[i] = (first, retry)[i]()
+    assert answers[0].status_code == answers[1].status_code == 200, (answers[0].text, answers[1].text)
+    assert answers[0].json() == answers[1].json()
+    rows = _turns(tmp_path / "web.db", token)
+    assert [r for r in rows if r[0] == "participant"] == [("participant", "m0")]
+    assert len(rows) == 1 + len(answers[0].json()["replies"])
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_two_tabs_sending_for_one_turn_while_one_holds_store_one_turn(
+        client: Client, study_file: Callable[..., Path], tmp_path: Path, gate: Gate, winner: int) -> None:
+    """Two tabs send different messages for the same turn, both held: the one stored first is the turn;
+    the other tab gets a 409 with the conversation as it now is (its message not stored)."""
+    c = client(study_file(append=HELD))
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    path = f"/api/sessions/{token}/messages"
+    tabs = [_post_in_thread(c, path, {"text": "My parcel never arrived at all.", "client_message_id": "tab-a",
+                                      "turn": 1})]
+    gate.wait_holding(1)
+    tabs.append(_post_in_thread(c, path, {"text": "The shop sent the wrong size.", "client_message_id": "tab-b",
+                                          "turn": 1}))
+    gate.wait_holding(2)
+    gate.released[winner].set()
+    won = tabs[winner]()
+    gate.released[1 - winner].set()
+    lost = tabs[1 - winner]()
+    assert won.status_code == 200 and lost.status_code == 409, (won.text, lost.text)
+    sent = ("tab-a", "tab-b")[winner]
+    assert [m["from"] for m in lost.json()["messages"]].count("participant") == 1
+    assert [r for r in _turns(tmp_path / "web.db", token) if r[0] == "participant"] == [("participant", sent)]
+    # the losing tab's message, sent again (the page keeps its id), is still refused: the turn moved on
+    again = c.post(path, json={"text": "x", "client_message_id": ("tab-a", "tab-b")[1 - winner], "turn": 1})
+    assert again.status_code == 409
+
+
+def test_a_hold_never_runs_into_the_request_timeout(
+        client: Client, study_file: Callable[..., Path], tmp_path: Path) -> None:
+    """A designed delay longer than the request timeout allows: were the request cut into a 503 while
+    holding, nothing would be stored and every retry would be held and cut again, for ever. The hold
+    ends in time (at most half the request timeout) and `shown_ms` records when it really ended."""
+    path = study_file(append='\n[[timing]]\nmode = "typing"\nbase = 3\njitter = 0\nmin = 3\nmax = 3\n')
+    c = client(path, environ={"COMBOT_REQUEST_TIMEOUT": "2"})
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    answer = c.post(f"/api/sessions/{token}/messages",
+                    json={"text": "My parcel never arrived at all.", "client_message_id": "m0"})
+    assert answer.status_code == 200, answer.text
+    conn = sqlite3.connect(tmp_path / "web.db")
+    shown = conn.execute("SELECT compute_ms, shown_ms FROM messages WHERE sender = 'bot' AND reply_to IS NOT NULL"
+                         " ORDER BY id LIMIT 1").fetchone()
+    conn.close()
+    assert shown[1] == max(shown[0], 1000)
+
+
+def test_no_first_reply_is_held_past_the_limit_but_a_slow_one_is_shown_when_ready() -> None:
+    rng = random.Random(1)
+    long = [Outgoing("x" * 200), Outgoing("y" * 10)]  # designed 21 s, then 2 s more
+    assert plan(FIXED, long, 5, (), rng, limit_ms=2000) == [2000, 4000]
+    assert plan(FIXED, long, 2500, (), rng, limit_ms=2000) == [2500, 4500]
+    assert plan(FIXED, long, 5, (), rng) == [21000, 23000]
