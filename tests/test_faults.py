@@ -9,6 +9,8 @@ Run with `-s` to see the figures.
 from __future__ import annotations
 
 import asyncio
+import http.client as http_client
+import json
 import os
 import signal
 import sqlite3
@@ -397,3 +399,83 @@ def test_a_commit_that_fails_never_leaves_the_transaction_open(tmp_path: Path) -
             conn.execute("INSERT INTO meta (key, value) VALUES ('half', 'written')")
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM meta WHERE key = 'half'").fetchone()[0] == 0
+
+
+# --- a held answer ----------------------------------------------------------------------------------
+
+HELD = '\n[[timing]]\nmode = "typing"\nbase = 8\njitter = 0\nmin = 8\nmax = 8\n'
+
+
+def _stored(database: Path, token: str, client_id: str) -> list[tuple[str, str]]:
+    """The turn stored for `client_id`: the participant's message and the replies, as (sender, text)."""
+    conn = sqlite3.connect(database)
+    try:
+        first = conn.execute("SELECT m.id, m.text FROM messages m JOIN participants p ON p.id = m.participant_id"
+                             " WHERE p.token = ? AND m.client_message_id = ?", (token, client_id)).fetchall()
+        if not first:
+            return []
+        assert len(first) == 1, first
+        replies = conn.execute("SELECT text FROM messages WHERE reply_to = ? ORDER BY id", (first[0][0],)).fetchall()
+        return [("participant", first[0][1])] + [("bot", r[0]) for r in replies]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_or_stopped_while_it_holds_an_answer_loses_nothing_acknowledged(
+        live_server: Callable[..., LiveServer], study_file: Callable[..., Path]) -> None:
+    """A turn is stored only when its first reply is due. kill -9 of the worker while it holds one:
+    the client has no answer and nothing is stored; the page's retry (same client_message_id) is
+    answered by the replacement worker and stored once. SIGTERM while a worker holds one: the
+    answer still goes out, and what the client got is on disk."""
+    config = study_file(append=HELD)
+    server = live_server(workers=1, config=config, env={**os.environ, "COMBOT_RATE_LIMIT": "0"})
+    (worker,) = all_workers_up(server, 1)
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    with httpx.Client(timeout=60) as http:
+        token = http.post(server.url + "api/sessions", json={}).json()["session_id"]
+        path = f"/api/sessions/{token}/messages"
+        opened = http.post(server.url + path[1:], json={"text": "My parcel never arrived at all.",
+                                                        "client_message_id": "m0"})
+        assert opened.status_code == 200, opened.text
+
+        body = {"text": "Nobody answered my calls for a week.", "client_message_id": "m1"}
+        sockets = _open_sockets(worker)
+        conn = http_client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while _open_sockets(worker) <= sockets:  # the worker has taken the request: it holds it 8 s
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises((http_client.HTTPException, OSError)):
+            conn.getresponse()
+        conn.close()
+        assert _stored(server.database, token, "m1") == []  # killed before its reply was due: not stored
+
+        (replacement,) = all_workers_up(server, 1)
+        assert replacement != worker
+        retried = http.post(server.url + path[1:], json=body)
+        assert retried.status_code == 200, retried.text
+        got = [("participant", body["text"])] + [("bot", r["text"]) for r in retried.json()["replies"]]
+        assert _stored(server.database, token, "m1") == got
+        again = http.post(server.url + path[1:], json=body)  # a late duplicate is answered from the store
+        assert again.json() == retried.json()
+
+        body = {"text": "They said it was my fault.", "client_message_id": "m2"}
+        sockets = _open_sockets(replacement)
+        conn = http_client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while _open_sockets(replacement) <= sockets:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        response = conn.getresponse()  # graceful: the held answer still goes out
+        assert response.status == 200
+        answer = json.loads(response.read())
+        conn.close()
+    assert server.process.wait(60) == 0, server.output()
+    assert _stored(server.database, token, "m2") == ([("participant", body["text"])]
+                                                     + [("bot", r["text"]) for r in answer["replies"]])
+    assert faultload.integrity(server.database) == "ok"

@@ -322,8 +322,11 @@ class Gate:
     def __init__(self) -> None:
         self.entered: list[threading.Event] = []
         self.released: list[threading.Event] = []
+        self.open = False  # while open, holds end at once (to walk a conversation to the step under test)
 
     async def sleep(self, seconds: float) -> None:
+        if self.open:
+            return
         entered, released = threading.Event(), threading.Event()
         self.released.append(released)
         self.entered.append(entered)
@@ -447,3 +450,37 @@ def test_no_first_reply_is_held_past_the_limit_but_a_slow_one_is_shown_when_read
     assert plan(FIXED, long, 5, (), rng, limit_ms=2000) == [2000, 4000]
     assert plan(FIXED, long, 2500, (), rng, limit_ms=2000) == [2500, 4500]
     assert plan(FIXED, long, 5, (), rng) == [21000, 23000]
+
+
+def test_the_email_step_retried_while_held_stores_one_address_and_both_get_the_redirect(
+        client: Client, study_file: Callable[..., Path], tmp_path: Path, gate: Gate) -> None:
+    """The last message (the e-mail step) is held like any other; a retry while it holds leaves one
+    address and one finished turn, and both requests get the same end, redirect included."""
+    path = study_file(replace={"# completion_url = ": "completion_url = "}, append=HELD)
+    c = client(path)
+    token = c.post("/api/sessions", json={}).json()["session_id"]
+    gate.open = True
+    answer, turn = None, 0
+    while answer is None or answer["expects"] == "message":
+        answer = c.post(f"/api/sessions/{token}/messages",
+                        json={"text": "My parcel never arrived at all.", "client_message_id": f"m{turn}"}).json()
+        turn += 1
+    assert answer["expects"] == "email"
+    gate.open = False
+    body = {"text": "someone@example.com", "client_message_id": "email", "turn": answer["turn"]}
+    first = _post_in_thread(c, f"/api/sessions/{token}/messages", body)
+    gate.wait_holding(1)
+    retry = _post_in_thread(c, f"/api/sessions/{token}/messages", body)
+    gate.wait_holding(2)
+    gate.released[1].set()
+    late = retry()
+    gate.released[0].set()
+    early = first()
+    assert early.status_code == late.status_code == 200
+    assert early.json() == late.json()
+    assert early.json()["expects"] == "done" and early.json()["redirect"]["url"].startswith("https://")
+    conn = sqlite3.connect(tmp_path / "web.db")
+    assert conn.execute("SELECT count(*) FROM emails").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM messages WHERE client_message_id = 'email'").fetchone()[0] == 1
+    assert conn.execute("SELECT status FROM participants WHERE token = ?", (token,)).fetchone()[0] == "finished"
+    conn.close()
