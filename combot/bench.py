@@ -422,11 +422,14 @@ def local_server(workers: int, config_path: str | None, env: dict[str, str], wor
     args = self_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                              "--database", str(database), "--access-log", ""]
     if config_path:
-        args += ["--config", config_path]
+        args += ["--config", str(Path(config_path).resolve())]
     log = (workdir / "server.log").open("wb")
     # Generous limits so the bench measures the server, not its abuse protection.
     environment = {**os.environ, "COMBOT_RATE_LIMIT": "0", "COMBOT_ADMIN_TOKEN": LOCAL_ADMIN_TOKEN, **env}
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    # Started in its own folder: `python -m combot` puts the current folder first on sys.path, so
+    # from a source checkout it would run that checkout's Combot whatever PYTHONPATH says (which
+    # bench/ab.py uses to run two versions side by side).
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=workdir)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120

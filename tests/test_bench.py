@@ -112,3 +112,20 @@ def test_first_messages_wait_until_every_session_exists_and_everything_sent_is_s
     assert report["succeeded"] == 4 and "first_messages_sent_within_ms" not in report
     assert {"start", "first message", "follow-up", "e-mail"} <= set(report["latency"])
     assert bench.verify(Path(server.database), people)["messages_missing"] == 0
+
+
+@pytest.mark.slow
+def test_the_local_server_runs_the_combot_pythonpath_names_not_the_one_in_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/ab.py runs two versions side by side through PYTHONPATH: started from a source
+    checkout, `python -m combot` would import that checkout's combot/ instead (the current folder
+    comes first on sys.path), and both sides would run the same code."""
+    decoy = tmp_path / "checkout"
+    (decoy / "combot").mkdir(parents=True)
+    (decoy / "combot" / "__init__.py").write_text("raise SystemExit('the Combot of the current folder ran')\n")
+    monkeypatch.chdir(decoy)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with bench.local_server(1, None, {"COMBOT_REPLY_TIMING": "none"}, workdir) as (url, _database, process):
+        assert Path(f"/proc/{process.pid}/cwd").resolve() == workdir.resolve()
+        assert url.startswith("http://127.0.0.1:")
