@@ -479,3 +479,41 @@ def test_a_worker_killed_or_stopped_while_it_holds_an_answer_loses_nothing_ackno
     assert _stored(server.database, token, "m2") == ([("participant", body["text"])]
                                                      + [("bot", r["text"]) for r in answer["replies"]])
     assert faultload.integrity(server.database) == "ok"
+
+
+@pytest.mark.slow
+def test_a_reply_held_past_the_graceful_timeout_is_cut_unstored_and_the_retry_is_answered(
+        live_server: Callable[..., LiveServer], study_file: Callable[..., Path]) -> None:
+    """SIGTERM with a reply held longer than `graceful_timeout`: the request is cut before the turn is
+    stored (the client got nothing, so nothing acknowledged is lost); after a restart the page's retry
+    is worked out again, held and stored once."""
+    config = study_file(append=HELD)
+    env = {**os.environ, "COMBOT_RATE_LIMIT": "0"}
+    server = live_server(workers=1, config=config, env=env, extra=["--graceful-timeout", "1"])
+    (worker,) = all_workers_up(server, 1)
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    with httpx.Client(timeout=60) as http:
+        token = http.post(server.url + "api/sessions", json={}).json()["session_id"]
+        body = {"text": "My parcel never arrived at all.", "client_message_id": "m0"}
+        sockets = _open_sockets(worker)
+        conn = http_client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", f"/api/sessions/{token}/messages", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while _open_sockets(worker) <= sockets:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            status = conn.getresponse().status
+        except (http_client.HTTPException, OSError):
+            status = None
+        conn.close()
+        assert server.process.wait(60) == 0, server.output()
+        assert status is None or status >= 500, status
+        assert _stored(server.database, token, "m0") == []
+
+        restarted = live_server(workers=1, config=config, env=env, database=server.database)
+        retried = http.post(f"{restarted.url}api/sessions/{token}/messages", json=body)
+        assert retried.status_code == 200, retried.text
+        assert _stored(server.database, token, "m0") == ([("participant", body["text"])]
+                                                         + [("bot", r["text"]) for r in retried.json()["replies"]])
