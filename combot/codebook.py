@@ -216,7 +216,7 @@ def codebook(conn: sqlite3.Connection, study: Study, layout: Layout, fmt: str, a
             "\n".join(produced_lines) + "\n", "### Reply timing\n",
             "When each cell's replies were shown, as designed in the study's `[[timing]]` blocks at export time:"
             " `matched` holds a reply the language model did not write for a delay drawn from the study's"
-            " latest (up to 200) `compute_ms` of replies it did write, so every cell's reply times share one"
+            " latest (up to 64) `compute_ms` of replies it did write, so every cell's reply times share one"
             " distribution; `typing` waits a delay that grows with the reply's length; `none` shows replies when"
             " computed. A reply that took longer to compute than its delay is shown when ready.\n",
             "\n".join(timing_lines) + "\n"]

@@ -124,7 +124,7 @@ class RecentLatencies:
     seconds and the request waits for that read, so the first LLM replies are used at once.
     """
 
-    def __init__(self, load: Callable[[], Awaitable[Sequence[int]]], refresh: float = 2.0,
+    def __init__(self, load: Callable[[], Awaitable[Sequence[int]]], refresh: float = 0.5,
                  clock: Callable[[], float] = time.monotonic, empty_refresh: float = 0.5):
         self._load = load
         self.refresh = refresh

@@ -64,7 +64,7 @@ def replies_to(conn: sqlite3.Connection, participant_id: str, client_message_id:
                                          (sent["id"],)).fetchall())
 
 
-def recent_llm_reply_ms(conn: sqlite3.Connection, limit: int = 200, scan: int = 20_000,
+def recent_llm_reply_ms(conn: sqlite3.Connection, limit: int = 64, scan: int = 20_000,
                         classified: bool | None = None) -> list[int]:
     """Compute times of the latest `limit` LLM-written replies among the last `scan` messages: the
     sample "matched" reply timing draws from. A range scan of the primary key, so it stays cheap
