@@ -88,6 +88,13 @@ def play_persona(messages: list[dict[str, Any]]) -> str | None:
     return facts[given % len(facts)]
 
 
+def _check(behaviour: str, jitter: float) -> None:
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+    if not 0 <= jitter <= 1:
+        raise ValueError("jitter must be between 0 and 1")
+
+
 @dataclass
 class FakeState:
     behaviour: str = "answer"
@@ -100,15 +107,15 @@ class FakeState:
     last_request: dict[str, Any] | None = None
     authorization: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        _check(self.behaviour, self.jitter)
+
     def configure(self, body: dict[str, Any]) -> None:
         behaviour = body.get("behaviour", self.behaviour)
-        if behaviour not in BEHAVIOURS:
-            raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+        jitter = float(body.get("jitter", self.jitter))
+        _check(behaviour, jitter)
         self.behaviour = behaviour
         self.latency = float(body.get("latency", self.latency))
-        jitter = float(body.get("jitter", self.jitter))
-        if not 0 <= jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
         self.jitter = jitter
         self.slow_seconds = float(body.get("slow_seconds", self.slow_seconds))
         if body.get("reset"):
@@ -275,11 +282,7 @@ def start_fake_llm(latency: float = 0.0, behaviour: str = "answer", *, process: 
                    host: str = "127.0.0.1", port: int = 0, jitter: float = 0.0) -> FakeLLM:
     """Start a fake on a free loopback port (or `port`): in a daemon thread, or with `process=True`
     in a process of its own (use that under load, so the fake never competes for your GIL)."""
-    if behaviour not in BEHAVIOURS:
-        raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
-    if not 0 <= jitter <= 1:
-        raise ValueError("jitter must be between 0 and 1")
-    state = FakeState(behaviour=behaviour, latency=latency, jitter=jitter)
+    state = FakeState(behaviour=behaviour, latency=latency, jitter=jitter)  # refuses a bad behaviour or jitter
     if process:
         return _start_process(state, host, port)
     return _start_thread(state, host, port)
