@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from combot import engine, store
 from combot.llm import Fallback, LLMReply
-from combot.timing import MAX_SECONDS, Outgoing, Punctual, hold_limit_ms, plan
+from combot.timing import Outgoing, Punctual, hold_limit_ms, plan
 from combot.worker import Resources
 
 
@@ -147,8 +147,9 @@ async def hold(replies: Sequence[store.NewMessage], started: float) -> None:
     and a retry of the same message is then answered from the store at once. The turn's later
     replies are paced by the client from their `delay_ms`."""
     if replies and replies[0].shown_ms is not None:
-        due = started + min(replies[0].shown_ms, MAX_SECONDS * 1000) / 1000
-        await _punctual.sleep(due - time.perf_counter())
+        # `plan` already held the designed delay within `hold_limit_ms`; past it, shown_ms is
+        # the compute time, which has passed.
+        await _punctual.sleep(started + replies[0].shown_ms / 1000 - time.perf_counter())
 
 
 def delays_ms(replies: Sequence[Any]) -> list[int]:
