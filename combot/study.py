@@ -374,6 +374,7 @@ def _build(data: dict[str, Any], check: _Checker, environ: Mapping[str, str] | N
         blocks[kind] = tuple(parsed)
 
     _check_survey_links(survey, settings, check)
+    _check_timeouts(settings, check, bad_settings, where)
     if check_classifier and not bad_settings & {("classifier", "head"), ("classifier", "model_dir"),
                                                 ("classifier", "labels")}:
         _check_classifier_labels(problem_types, settings, check)
@@ -553,6 +554,34 @@ def _check_survey_links(survey: Mapping[str, str], settings: Settings, check: _C
             if name not in known:
                 check.add(f"unknown placeholder {{{name}}} (known: {', '.join('{' + k + '}' for k in known)};"
                           " a URL parameter must be listed in [recruitment] params to be kept)", "survey", key)
+
+
+def _check_timeouts(settings: Settings, check: _Checker, bad: set[tuple[str, str]],
+                    where: Callable[[str, str], str]) -> None:
+    """The LLM must give up (and the offline text answer) before the request itself is cut off:
+    otherwise a hanging LLM ends the participant's turn in a 503 and every retry waits as long."""
+    if not settings["llm.base_url"] or bad & {("llm", "timeout"), ("server", "request_timeout")}:
+        return
+    llm_timeout, request_timeout = settings["llm.timeout"], settings["server.request_timeout"]
+    if llm_timeout < request_timeout:
+        return
+
+    def source(section: str, name: str) -> str:
+        origin = where(section, name)
+        return "" if origin == "file" else ", the default" if origin.endswith("(default)") else f", from {origin}"
+
+    why = ": a hanging LLM would end a participant's turn in an error instead of the offline text"
+    llm, request = f"{llm_timeout:g} s", f"{request_timeout:g} s"
+    if where("llm", "timeout") == "file":
+        check.add(f"must be shorter than [server] request_timeout ({request}{source('server', 'request_timeout')}),"
+                  f" not {llm}" + why, "llm", "timeout")
+    elif where("server", "request_timeout") == "file":
+        check.add(f"must be longer than [llm] timeout ({llm}{source('llm', 'timeout')}), not {request}" + why,
+                  "server", "request_timeout")
+    else:
+        check.errors.append(ConfigError(f"[llm] timeout ({llm}{source('llm', 'timeout')}) must be shorter than"
+                                        f" [server] request_timeout ({request}{source('server', 'request_timeout')})"
+                                        + why))
 
 
 def _check_coverage(study: Study, check: _Checker) -> None:

@@ -116,6 +116,32 @@ def test_unknown_placeholders_are_errors_naming_the_line_and_the_known_names(stu
     assert "unknown placeholder {first_name} (this text fills in no placeholders)" in out
 
 
+def test_an_llm_timeout_as_long_as_the_request_timeout_is_refused_at_the_line_that_sets_it(
+        study_file: Callable[..., Path]) -> None:
+    """A hanging LLM must end in the offline text, not in a 503 the page retries into the same wait."""
+    llm = {'base_url = ""': 'base_url = "http://127.0.0.1:9/v1"'}
+    path = study_file(llm | {"timeout = 4.0": "timeout = 90.0"}, name="a.toml")
+    code, out = check(path)
+    assert code != 0
+    assert (f"{path}, line {line_of(path, 'timeout = 90.0')}: [llm.timeout] must be shorter than [server]"
+            " request_timeout (60 s, the default), not 90 s") in out
+    path = study_file(llm | {"[server]\n": "[server]\nrequest_timeout = 4\n"}, name="b.toml")
+    code, out = check(path)
+    assert code != 0 and (f"line {line_of(path, 'timeout = 4.0')}: [llm.timeout] must be shorter than [server]"
+                          " request_timeout (4 s), not 4 s") in out
+    # Where the file leaves the LLM's timeout at its default, the request timeout's line is named.
+    path = study_file(llm | {"[server]\n": "[server]\nrequest_timeout = 3\n", "timeout = 4.0\n": ""}, name="c.toml")
+    code, out = check(path)
+    assert code != 0 and (f"line {line_of(path, 'request_timeout = 3')}: [server.request_timeout] must be longer"
+                          " than [llm] timeout (4 s, the default), not 3 s") in out
+    code, out = check(study_file(llm, name="f.toml"), env={"COMBOT_REQUEST_TIMEOUT": "2"})
+    assert code != 0 and "[server.request_timeout]" not in out
+    assert "[llm.timeout] must be shorter than [server] request_timeout (2 s, from environment variable" in out
+    # Shorter is fine, and without an LLM there is nothing to wait for.
+    assert check(study_file(llm, name="d.toml"), env={"COMBOT_REQUEST_TIMEOUT": "4.5"})[0] == 0
+    assert check(study_file(name="e.toml"), env={"COMBOT_REQUEST_TIMEOUT": "2"})[0] == 0
+
+
 def test_check_prints_the_links_a_participant_gets_and_warns_about_leftovers(study_file: Callable[..., Path]) -> None:
     code, out = check(study_file())
     assert code == 0, out

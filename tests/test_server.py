@@ -144,6 +144,20 @@ def test_serve_refuses_what_check_refuses_in_one_line_before_it_binds(study_file
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
+def test_serve_refuses_an_llm_timeout_the_request_timeout_would_cut_short(study_file: Callable[..., Path],
+                                                                           tmp_path: Path) -> None:
+    study = study_file(replace={'base_url = ""': 'base_url = "http://127.0.0.1:9/v1"'})
+    result = subprocess.run([sys.executable, "-m", "combot", "serve", "--config", str(study), "--port",
+                             str(free_port()), "--request-timeout", "3", "--database", str(tmp_path / "study.db")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    line = next(n for n, text in enumerate(study.read_text().splitlines(), start=1) if text == "timeout = 4.0")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"Error: {study}, line {line}: [llm.timeout] must be shorter than [server] request_timeout"
+                             " (3 s, from --request-timeout), not 4 s: a hanging LLM would end a participant's turn"
+                             " in an error instead of the offline text\n")
+    assert not (tmp_path / "study.db").exists()
+
+
 # --- one server per database; a port, a database or a disk that cannot be used (issue 12) ---------
 
 def serve_once(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
