@@ -97,6 +97,9 @@ def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any 
     global _ready_event
     from hypercorn.asyncio.run import asyncio_worker
 
+    from combot import graceful
+
+    graceful.install()  # a stop answers every request it takes
     _ready_event = ready_event
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
     # The study version the supervisor checked, handed over here rather than through the exec'd

@@ -1,0 +1,153 @@
+"""A graceful stop answers every request it takes (combot/graceful.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import sqlite3
+from collections import Counter
+from typing import Any, Callable
+
+import h11
+import pytest
+from hypercorn.events import Closed, RawData
+
+from combot import graceful
+from tests.conftest import LiveServer
+from tests.test_faults import all_workers_up
+
+REQUEST = (b"POST /api/sessions/x/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 2\r\n\r\n{}")
+
+
+class Inner:
+    """Hypercorn's H11Protocol as far as the check reads it."""
+
+    def __init__(self, data: bytes = b"", stream: object = None):
+        self.connection = h11.Connection(h11.SERVER)
+        if data:  # (b"" would tell h11 the peer closed)
+            self.connection.receive_data(data)
+            while self.connection.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+                pass
+        self.stream = stream
+
+
+class Wrapper:
+    def __init__(self, inner: Inner):
+        self.protocol = inner
+        self.handled: list[Any] = []
+
+    async def handle(self, event: Any) -> None:
+        self.handled.append(event)
+
+
+class Server:
+    def __init__(self, inner: Inner):
+        self.protocol = Wrapper(inner)
+        self.closed = False
+
+
+async def _close(server: Server) -> None:
+    server.closed = True
+
+
+def test_a_request_is_under_way_once_its_head_is_read_or_its_stream_exists() -> None:
+    assert not graceful.request_under_way(Wrapper(Inner()))
+    assert not graceful.request_under_way(Wrapper(Inner(REQUEST[:30])))  # half a head: nothing started
+    assert graceful.request_under_way(Wrapper(Inner(REQUEST[:-2])))  # the head, part of the body
+    assert graceful.request_under_way(Wrapper(Inner(REQUEST)))
+    assert graceful.request_under_way(Wrapper(Inner(stream=object())))
+    assert not graceful.request_under_way(object())  # not HTTP/1.1 (HTTP/2): left to Hypercorn
+
+
+def test_the_close_leaves_a_connection_with_a_request_and_stops_reading_one_it_closes() -> None:
+    close = graceful._closing_safely(_close)  # type: ignore[arg-type]
+    busy = Server(Inner(REQUEST))
+    asyncio.run(close(busy))
+    assert not busy.closed
+    idle = Server(Inner())
+    asyncio.run(close(idle))
+    assert idle.closed
+
+    async def after_the_close() -> None:  # bytes read now would start a request with no connection left
+        await idle.protocol.handle(RawData(data=REQUEST))
+        await idle.protocol.handle(Closed())
+
+    asyncio.run(after_the_close())
+    assert [type(event) for event in idle.protocol.handled] == [Closed]
+
+
+def test_install_wraps_hypercorns_close_once() -> None:
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    original = TCPServer._initiate_server_close
+    try:
+        graceful.install()
+        wrapped = TCPServer._initiate_server_close
+        graceful.install()
+        assert TCPServer._initiate_server_close is wrapped is not original
+    finally:
+        TCPServer._initiate_server_close = original  # type: ignore[method-assign]
+
+
+# --- the real server -----------------------------------------------------------------------------
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                    body: dict[str, Any]) -> tuple[int, bytes]:
+    data = json.dumps(body).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: combot\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return int(head.split()[1]), await reader.readexactly(length)
+
+
+@pytest.mark.slow
+def test_messages_sent_as_a_stop_begins_are_answered_or_never_taken(live_server: Callable[..., LiveServer]) -> None:
+    """Participants on idle keep-alive connections send as SIGTERM arrives. Hypercorn closes idle
+    connections at once; without the wrapper some messages were read in the same instant, stored,
+    and their answers lost (1-15 of 300 in each of 6 runs): a stop must answer what it stores."""
+    server = live_server(workers=2)
+    all_workers_up(server, 2)
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    outcome: dict[str, str] = {}
+
+    async def crowd() -> None:
+        connections = []
+        for _ in range(300):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            status, body = await _exchange(reader, writer, "/api/sessions", {})
+            assert status == 201 or status == 200, body
+            connections.append((reader, writer, json.loads(body)["session_id"]))
+
+        async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
+            await asyncio.sleep(random.uniform(0, 0.3))  # spread across the moment the stop begins
+            try:
+                status, _ = await asyncio.wait_for(_exchange(reader, writer, f"/api/sessions/{token}/messages", {
+                    "text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}), 60)
+                outcome[token] = str(status)
+            except (ConnectionError, asyncio.IncompleteReadError) as error:
+                outcome[token] = type(error).__name__
+            finally:
+                writer.close()
+
+        sending = [asyncio.create_task(send(*connection)) for connection in connections]
+        await asyncio.sleep(0.04)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.gather(*sending)
+
+    asyncio.run(crowd())
+    assert server.process.wait(60) == 0, server.output()
+    with sqlite3.connect(server.database) as conn:
+        stored = {token for (token,) in conn.execute(
+            "SELECT p.token FROM participants p JOIN messages m ON m.participant_id = p.id"
+            " WHERE m.client_message_id = 'm1'")}
+    answered = {token for token, status in outcome.items() if status == "200"}
+    assert len(outcome) == 300 and set(Counter(outcome.values())) <= {"200", "IncompleteReadError",
+                                                                       "ConnectionResetError"}, Counter(outcome.values())
+    assert stored - answered == set(), f"{len(stored - answered)} stored without an answer"
+    assert answered <= stored
+    assert "Traceback" not in server.output()
