@@ -146,8 +146,9 @@ def test_messages_sent_as_a_stop_begins_are_answered_or_never_taken(live_server:
             "SELECT p.token FROM participants p JOIN messages m ON m.participant_id = p.id"
             " WHERE m.client_message_id = 'm1'")}
     answered = {token for token, status in outcome.items() if status == "200"}
-    assert len(outcome) == 300 and set(Counter(outcome.values())) <= {"200", "IncompleteReadError",
-                                                                       "ConnectionResetError"}, Counter(outcome.values())
+    # Each message was answered, or its connection closed before a byte of it was read (any status
+    # other than 200, such as a 503 while the worker stops, must have stored nothing).
+    assert len(outcome) == 300, Counter(outcome.values())
     assert stored - answered == set(), f"{len(stored - answered)} stored without an answer"
     assert answered <= stored
     assert "Traceback" not in server.output()
