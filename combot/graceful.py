@@ -14,6 +14,10 @@ answer), but a stop should answer what it takes. `install()` wraps the close: a 
 request under way is left open (Hypercorn closes it once the answer is sent, as it does after every
 answer once stopping), and a connection it does close drops whatever it reads afterwards, so no
 request starts there. Called in each worker before it serves.
+
+The same close ends a connection left idle for `keep_alive_timeout` while the server runs, with the
+same race for a message sent just as it expires; the wrapper covers it too (a connection with a
+request under way stays open and goes back to waiting once answered).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from typing import Any, Callable, Coroutine
 
 import h11
+from hypercorn.events import RawData
 
 # The peer's HTTP/1.1 states in which a request has been received and not yet answered.
 _REQUEST_UNDER_WAY = (h11.SEND_BODY, h11.DONE)
@@ -39,9 +44,7 @@ def request_under_way(protocol: Any) -> bool:
 def _closing_safely(close: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any], Coroutine[Any, Any, None]]:
     async def initiate_server_close(server: Any) -> None:
         if request_under_way(server.protocol):
-            return  # answered first; Hypercorn then closes it because the server is stopping
-        from hypercorn.events import RawData
-
+            return  # answered first; Hypercorn then closes it if the server is stopping
         handle = server.protocol.handle
 
         async def without_new_requests(event: Any) -> None:
