@@ -59,9 +59,10 @@ def _closing_safely(close: Callable[[Any], Coroutine[Any, Any, None]]) -> Callab
 
 
 def install() -> None:
-    """Wrap Hypercorn's asyncio server-side close of idle connections (once per process)."""
+    """Wrap Hypercorn's asyncio server-side close of idle connections (once per process). A Hypercorn
+    without that method (a later version) keeps its own behaviour."""
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    close = TCPServer._initiate_server_close
-    if not getattr(close, "combot_graceful", False):
+    close = getattr(TCPServer, "_initiate_server_close", None)
+    if close is not None and not getattr(close, "combot_graceful", False):
         TCPServer._initiate_server_close = _closing_safely(close)  # type: ignore[method-assign, assignment]

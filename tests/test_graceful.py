@@ -92,6 +92,14 @@ def test_install_wraps_hypercorns_close_once() -> None:
         TCPServer._initiate_server_close = original  # type: ignore[method-assign]
 
 
+def test_a_hypercorn_without_the_close_it_wraps_keeps_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    monkeypatch.delattr(TCPServer, "_initiate_server_close")
+    graceful.install()  # no AttributeError in every worker of a server on a later Hypercorn
+    assert not hasattr(TCPServer, "_initiate_server_close")
+
+
 # --- the real server -----------------------------------------------------------------------------
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
