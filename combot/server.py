@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,29 @@ def notify_ready() -> None:
 WORKER_SWITCH_INTERVAL = 0.0005
 
 
+class _Stop:
+    """What a worker's Hypercorn polls (every 0.1 s) to know it must finish its requests and exit:
+    the supervisor's shutdown event, or the supervisor gone (`kill -9`, the out-of-memory killer),
+    seen as the end of a pipe only the supervisor holds open. Without the second, workers whose
+    supervisor was killed went on serving the port, unsupervised, until someone killed each one."""
+
+    def __init__(self, event: Any, supervisor: Connection | None):
+        self.event = event
+        self.supervisor = supervisor
+
+    def is_set(self) -> bool:
+        if self.event.is_set():
+            return True
+        if self.supervisor is None:
+            return False
+        try:
+            return self.supervisor.poll()  # nothing is ever sent: readable means the other end closed
+        except (EOFError, OSError):
+            return True
+
+
 def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any = None,
-            study_env: dict[str, str] | None = None) -> None:
+            study_env: dict[str, str] | None = None, supervisor: Connection | None = None) -> None:
     global _ready_event
     from hypercorn.asyncio.run import asyncio_worker
 
@@ -114,7 +135,7 @@ def _worker(config: Config, sockets: Any, shutdown_event: Any, ready_event: Any 
     combot_log.addHandler(handler)
     combot_log.setLevel(logging.INFO)
     combot_log.propagate = False
-    asyncio_worker(config, sockets, shutdown_event)
+    asyncio_worker(config, sockets, _Stop(shutdown_event, supervisor))  # type: ignore[arg-type]
 
 
 def worker_context() -> Any:
@@ -162,6 +183,9 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     ctx = worker_context()
     shutdown_event = ctx.Event()
     first_ready = ctx.Event()
+    # Workers hold the reading end; this process alone holds the writing end, so its death, however
+    # abrupt, reaches every worker (see _Stop).
+    supervisor_end, alive = ctx.Pipe(duplex=False)
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -181,7 +205,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     def start_one() -> None:
         process = ctx.Process(target=_worker, kwargs={"config": config, "sockets": sockets,
                                                       "shutdown_event": shutdown_event, "ready_event": first_ready,
-                                                      "study_env": study_env},
+                                                      "study_env": study_env, "supervisor": supervisor_end},
                               daemon=False)
         process.start()
         processes.append(process)
@@ -233,6 +257,8 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
         signal.signal(signal.SIGINT, previous)
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
             sock.close()
+        alive.close()
+        supervisor_end.close()
     return exit_code
 
 
