@@ -1,6 +1,6 @@
 """A graceful stop that never takes a request it cannot answer.
 
-When a worker is asked to stop, Hypercorn (0.17, 0.18) closes every keep-alive connection that
+When a worker is asked to stop, Hypercorn (0.18, read here) closes every keep-alive connection that
 is idle at once, from a task of that connection's own. A participant's message can arrive on such
 a connection in the same instant, and the two tasks race:
 
