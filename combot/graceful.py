@@ -32,10 +32,12 @@ _REQUEST_UNDER_WAY = (h11.SEND_BODY, h11.DONE)
 
 
 def request_under_way(protocol: Any) -> bool:
-    """Whether Hypercorn's protocol for one connection holds a request it has read (HTTP/1.1 only;
-    an HTTP/2 connection, with streams of its own, is left to Hypercorn)."""
+    """Whether Hypercorn's protocol for one connection holds a request it has read: an HTTP/1.1
+    stream, or a peer past the request's head (h11), or any HTTP/2 stream (browsers speak HTTP/2
+    over TLS; a stream that starts as the stop begins is reset by Hypercorn itself, but one that
+    starts as keep-alive expires was closed with the connection, its answer lost)."""
     inner = getattr(protocol, "protocol", None)
-    if getattr(inner, "stream", None) is not None:
+    if getattr(inner, "stream", None) is not None or getattr(inner, "streams", None):
         return True
     connection = getattr(inner, "connection", None)
     return isinstance(connection, h11.Connection) and connection.their_state in _REQUEST_UNDER_WAY

@@ -185,7 +185,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     first_ready = ctx.Event()
     # Workers hold the reading end; this process alone holds the writing end, so its death, however
     # abrupt, reaches every worker (see _Stop).
-    supervisor_end, alive = ctx.Pipe(duplex=False)
+    watched_end, alive = ctx.Pipe(duplex=False)
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -205,7 +205,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
     def start_one() -> None:
         process = ctx.Process(target=_worker, kwargs={"config": config, "sockets": sockets,
                                                       "shutdown_event": shutdown_event, "ready_event": first_ready,
-                                                      "study_env": study_env, "supervisor": supervisor_end},
+                                                      "study_env": study_env, "supervisor": watched_end},
                               daemon=False)
         process.start()
         processes.append(process)
@@ -258,7 +258,7 @@ def serve(study: Study, options: ServeOptions, on_ready: Any = None) -> int:
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
             sock.close()
         alive.close()
-        supervisor_end.close()
+        watched_end.close()
     return exit_code
 
 

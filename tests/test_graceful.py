@@ -59,7 +59,18 @@ def test_a_request_is_under_way_once_its_head_is_read_or_its_stream_exists() -> 
     assert graceful.request_under_way(Wrapper(Inner(REQUEST[:-2])))  # the head, part of the body
     assert graceful.request_under_way(Wrapper(Inner(REQUEST)))
     assert graceful.request_under_way(Wrapper(Inner(stream=object())))
-    assert not graceful.request_under_way(object())  # not HTTP/1.1 (HTTP/2): left to Hypercorn
+    assert not graceful.request_under_way(object())
+
+
+def test_an_http2_connection_with_a_stream_has_a_request_under_way() -> None:
+    """Hypercorn's H2Protocol keeps its streams in a dict: one open stream is a request to answer."""
+    class H2:
+        def __init__(self, streams: dict[int, object]):
+            self.streams = streams
+            self.connection = object()  # an h2 connection, not h11's
+
+    assert graceful.request_under_way(Wrapper(H2({1: object()})))  # type: ignore[arg-type]
+    assert not graceful.request_under_way(Wrapper(H2({})))  # type: ignore[arg-type]
 
 
 def test_the_close_leaves_a_connection_with_a_request_and_stops_reading_one_it_closes() -> None:
