@@ -27,39 +27,29 @@ from pathlib import Path
 
 import httpx
 
-from combot.bench import free_port, worker_pids
+from combot.bench import Connection, free_port, worker_pids
 
 KEEP_ALIVE_SECONDS = 75.0
-
-
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
-                    body: dict[str, str]) -> tuple[int, bytes]:
-    data = json.dumps(body).encode()
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: combot\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    return int(head.split()[1]), await reader.readexactly(length)
 
 
 async def _crowd(port: int, connections: int) -> dict[str, str]:
     outcome: dict[str, str] = {}
 
     async def one() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        _, body = await _exchange(reader, writer, "/api/sessions", {})
+        connection = Connection(f"http://127.0.0.1:{port}/", timeout=30)
+        _, body = await connection.send(connection.request("api/sessions", {}))
         answered = time.monotonic()
         token = json.loads(body)["session_id"]
         await asyncio.sleep(KEEP_ALIVE_SECONDS + random.uniform(-0.05, 0.05) - (time.monotonic() - answered))
-        try:
-            status, _ = await asyncio.wait_for(_exchange(reader, writer, f"/api/sessions/{token}/messages", {
-                "text": "My parcel never arrived.", "client_message_id": "m1"}), 30)
+        message = {"text": "My parcel never arrived.", "client_message_id": "m1"}
+        try:  # not sent again on a new connection, as the page would: the lost answer must show
+            status, _ = await connection.send(connection.request(f"api/sessions/{token}/messages", message),
+                                              resend=False)
             outcome[token] = str(status)
         except (ConnectionError, asyncio.IncompleteReadError) as error:
             outcome[token] = type(error).__name__
         finally:
-            writer.close()
+            connection.close()
 
     await asyncio.gather(*(one() for _ in range(connections)))
     return outcome

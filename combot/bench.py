@@ -191,7 +191,9 @@ class Connection:
         return (start + head + f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
                 ).encode() + payload
 
-    async def send(self, raw: bytes) -> tuple[int, bytes]:
+    async def send(self, raw: bytes, resend: bool = True) -> tuple[int, bytes]:
+        """Send a request built by `request` and read its answer. With `resend=False` a request on a
+        kept-alive connection the server closed is not sent again: its loss is the caller's to see."""
         for attempt in (1, 2):
             if self._writer is None:
                 reader, writer = await asyncio.wait_for(
@@ -205,7 +207,8 @@ class Connection:
                 self.close()
                 # A kept-alive connection the server closed meanwhile (its keep-alive timeout, a
                 # recycled worker): the request never reached it, so it is sent once more.
-                if not reused or attempt == 2 or (isinstance(error, asyncio.IncompleteReadError) and error.partial):
+                if not (resend and reused) or attempt == 2 or (
+                        isinstance(error, asyncio.IncompleteReadError) and error.partial):
                     raise
         raise AssertionError("unreachable")
 

@@ -15,6 +15,7 @@ import pytest
 from hypercorn.events import Closed, RawData
 
 from combot import graceful
+from combot.bench import Connection
 from tests.conftest import LiveServer
 from tests.test_faults import all_workers_up
 
@@ -113,17 +114,6 @@ def test_a_hypercorn_without_the_close_it_wraps_keeps_its_own(monkeypatch: pytes
 
 # --- the real server -----------------------------------------------------------------------------
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
-                    body: dict[str, Any]) -> tuple[int, bytes]:
-    data = json.dumps(body).encode()
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: combot\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    return int(head.split()[1]), await reader.readexactly(length)
-
-
 @pytest.mark.slow
 def test_messages_sent_as_a_stop_begins_are_answered_or_never_taken(live_server: Callable[..., LiveServer]) -> None:
     """Participants on idle keep-alive connections send as SIGTERM arrives. Hypercorn closes idle
@@ -131,27 +121,27 @@ def test_messages_sent_as_a_stop_begins_are_answered_or_never_taken(live_server:
     and their answers lost (1-15 of 300 in each of 6 runs): a stop must answer what it stores."""
     server = live_server(workers=2)
     all_workers_up(server, 2)
-    port = int(server.url.rsplit(":", 1)[1].strip("/"))
     outcome: dict[str, str] = {}
 
     async def crowd() -> None:
         connections = []
         for _ in range(300):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            status, body = await _exchange(reader, writer, "/api/sessions", {})
+            connection = Connection(server.url, timeout=60)
+            status, body = await connection.send(connection.request("api/sessions", {}))
             assert status == 201 or status == 200, body
-            connections.append((reader, writer, json.loads(body)["session_id"]))
+            connections.append((connection, json.loads(body)["session_id"]))
 
-        async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
+        async def send(connection: Connection, token: str) -> None:
             await asyncio.sleep(random.uniform(0, 0.3))  # spread across the moment the stop begins
-            try:
-                status, _ = await asyncio.wait_for(_exchange(reader, writer, f"/api/sessions/{token}/messages", {
-                    "text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}), 60)
+            message = {"text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}
+            try:  # not sent again on a new connection: a lost answer must show
+                status, _ = await connection.send(connection.request(f"api/sessions/{token}/messages", message),
+                                                  resend=False)
                 outcome[token] = str(status)
             except (ConnectionError, asyncio.IncompleteReadError) as error:
                 outcome[token] = type(error).__name__
             finally:
-                writer.close()
+                connection.close()
 
         sending = [asyncio.create_task(send(*connection)) for connection in connections]
         await asyncio.sleep(0.04)
