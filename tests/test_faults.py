@@ -89,14 +89,28 @@ def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(live_server
     async def scenario() -> None:
         async with faultload.client(CROWD) as http:
             load = asyncio.create_task(crowd.run(http))
-            # Strike when most participants are mid-conversation and many requests are in flight.
-            while not load.done() and not (crowd.under_load() >= CROWD // 2 and crowd.in_flight() >= 20
-                                           and sum(p.turn >= 2 for p in crowd.people) >= CROWD // 4):
-                await asyncio.sleep(0.02)
-            victim = max(before, key=_open_sockets)
-            figures.update(under_load=crowd.under_load(), in_flight=crowd.in_flight(), victim=victim,
-                           acknowledged_before_kill=sum(p.acknowledged for p in crowd.people))
-            os.kill(victim, signal.SIGKILL)
+            # Strike when most participants are mid-conversation and many requests are in flight. The
+            # worker with the most sockets can still hold none of the requests in flight at that instant:
+            # then no request was cut, and the strike is repeated (at most 3 times) on a new worker.
+            victims: list[int] = figures.setdefault("victims", [])
+            while len(victims) < 3 and sum(p.cut for p in crowd.people) == 0:
+                while not load.done() and not (crowd.under_load() >= CROWD // 2 and crowd.in_flight() >= 20
+                                               and sum(p.turn >= 2 for p in crowd.people) >= CROWD // 4):
+                    await asyncio.sleep(0.02)
+                if load.done():
+                    break
+                if victims:
+                    await asyncio.to_thread(all_workers_up, server, 3)
+                victim = max(worker_pids(server), key=_open_sockets)
+                figures.setdefault("under_load", crowd.under_load())
+                figures.setdefault("in_flight", crowd.in_flight())
+                figures.setdefault("acknowledged_before_kill", sum(p.acknowledged for p in crowd.people))
+                os.kill(victim, signal.SIGKILL)
+                victims.append(victim)
+                # A cut shows at once (the kernel closes the dead worker's sockets); wait briefly for it.
+                deadline = time.monotonic() + 2.0
+                while sum(p.cut for p in crowd.people) == 0 and time.monotonic() < deadline and not load.done():
+                    await asyncio.sleep(0.02)
             await load
             # A participant still without an answer at the deadline: the page retries, so do they.
             crowd.deadline = time.monotonic() + 60
@@ -107,7 +121,8 @@ def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(live_server
     seconds = time.monotonic() - started
 
     after = all_workers_up(server, 3)
-    assert figures["victim"] not in after and len(after - before) == 1, (before, after)
+    victims = figures["victims"]
+    assert victims and not set(victims) & after and len(after - before) == len(victims), (victims, before, after)
     assert "died" in server.output()
     errors = [e for p in crowd.people for e in p.errors]
     assert errors == [], errors[:5]
@@ -123,7 +138,7 @@ def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_message(live_server
            answered_503=sum(p.unavailable for p in crowd.people),
            messages_acknowledged=result.acknowledged, messages_found=result.found,
            duplicates=result.unacknowledged_stored + result.duplicate_client_ids,
-           replacement_worker=sorted(after - before)[0], load_seconds=round(seconds, 1))
+           strikes=len(victims), replacement_workers=sorted(after - before), load_seconds=round(seconds, 1))
 
 
 def _open_sockets(pid: int) -> int:
