@@ -103,6 +103,7 @@ class FakeState:
     slow_seconds: float = 60.0
     requests: int = 0
     max_in_flight: int = 0
+    connections: int = 0  # connections that carried a chat completion (a client's keep-alive shows here)
     active: set[asyncio.Task[Any]] = field(default_factory=set)
     last_request: dict[str, Any] | None = None
     authorization: list[str] = field(default_factory=list)
@@ -123,13 +124,13 @@ class FakeState:
             for task in self.active:
                 task.cancel()
             self.active.clear()
-            self.requests = self.max_in_flight = 0
+            self.requests = self.max_in_flight = self.connections = 0
             self.last_request = None
             self.authorization = []
 
     def stats(self) -> dict[str, Any]:
         return {"behaviour": self.behaviour, "latency": self.latency, "jitter": self.jitter, "requests": self.requests,
-                "in_flight": len(self.active), "max_in_flight": self.max_in_flight,
+                "in_flight": len(self.active), "max_in_flight": self.max_in_flight, "connections": self.connections,
                 "last_request": self.last_request, "authorization": sorted(set(self.authorization))}
 
 
@@ -201,6 +202,7 @@ async def _route(state: FakeState, method: str, path: str, headers: dict[str, st
 
 
 async def _connection(state: FakeState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    counted = False
     try:
         while True:
             request_line = await reader.readline()
@@ -216,6 +218,8 @@ async def _connection(state: FakeState, reader: asyncio.StreamReader, writer: as
                 headers[name.strip().lower()] = value.strip()
             length = int(headers.get("content-length", "0") or 0)
             body = await reader.readexactly(length) if length else b""
+            if not counted and target.split("?")[0].endswith("/chat/completions"):
+                state.connections, counted = state.connections + 1, True
             try:
                 status, content_type, payload = await _route(state, method, target.split("?")[0], headers, body)
             except _Close:
@@ -265,7 +269,7 @@ class FakeLLM:
         return dict(response.json())
 
     def stats(self) -> dict[str, Any]:
-        """requests, in_flight, max_in_flight, behaviour, latency, last_request, authorization."""
+        """requests, in_flight, max_in_flight, connections, behaviour, latency, last_request, authorization."""
         return dict(httpx.get(self.root + "/_fake/stats", timeout=10).json())
 
     def stop(self) -> None:

@@ -1,9 +1,10 @@
 """The LLM adapter: an OpenAI-compatible chat-completions call that never stalls a participant.
 
-One `LLM` per worker process, made in the app's lifespan: a shared `httpx.AsyncClient` and a cap
-on calls in flight. `complete` returns either an `LLMReply` or a `Fallback` naming why the offline
-text should be used instead; it never raises for anything the service does, and it never takes
-longer than the configured timeout, waiting for a free slot included.
+One `LLM` per worker process, made in the app's lifespan: kept-alive connections to the endpoint
+(`combot/llmhttp.py`) and a cap on calls in flight. `complete` returns either an `LLMReply` or a
+`Fallback` naming why the offline text should be used instead; it never raises for anything the
+service does, and it never takes longer than the configured timeout, waiting for a free slot
+included.
 
 The API key lives only in the client's Authorization header: it is never a setting, never logged,
 and never part of a fallback reason (which is stored with the message).
@@ -25,6 +26,7 @@ import httpx
 
 from combot import __version__
 from combot.breaker import OPEN_REASON, CircuitBreaker, counts_as_failure
+from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError
 from combot.settings import Settings
 
 log = logging.getLogger("combot.llm")
@@ -33,11 +35,6 @@ log = logging.getLogger("combot.llm")
 MAX_REPLY_CHARS = 600
 # A chat-completions answer of this size is already wrong; stop reading there.
 MAX_BODY_BYTES = 256 * 1024
-# Connections per HTTP client. httpcore's pool does work proportional to connections squared on
-# every request start and finish (encode/httpcore#1035): at 100 calls in flight on one client
-# that bookkeeping cost 4-25 ms of CPU per call. A worker therefore keeps several small clients.
-CONNECTIONS_PER_CLIENT = 8
-
 _URL = re.compile(r"(?i)\b(?:https?|ftp|mailto):|\bwww\.|\]\(")
 _MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>|```|\*\*|__|^\s*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s)", re.MULTILINE)
 _AI_TALK = re.compile(r"(?i)\b(?:as an ai|an ai (?:assistant|model|language)|language model|chatgpt|openai)\b")
@@ -135,35 +132,22 @@ class ChatModel(Protocol):
 
 
 class LLM:
-    """One per worker process: shared HTTP clients and a semaphore capping calls in flight.
+    """One per worker process: kept-alive connections to the endpoint and a semaphore capping calls
+    in flight (and so the connections open at once)."""
 
-    The clients (max_in_flight / CONNECTIONS_PER_CLIENT of them, made as load needs them) keep
-    their connections alive across calls; each call goes to the least busy one, so none ever
-    has more than CONNECTIONS_PER_CLIENT calls in flight.
-    """
-
-    def __init__(self, config: LLMConfig, *, api_key: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, breaker_path: str | Path | None = None):
+    def __init__(self, config: LLMConfig, *, api_key: str | None = None, breaker_path: str | Path | None = None,
+                 environ: Mapping[str, str] | None = None):
         self.config = config
         # A probe call may take the whole timeout; after that (its worker died) another may probe.
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown, path=breaker_path,
                                       probe_lease=config.timeout + 1.0)
         headers = {"User-Agent": f"combot/{__version__}", "Accept": "application/json"}
         if api_key:
-            # httpx masks Authorization in its reprs; it is kept nowhere else.
-            headers["Authorization"] = f"Bearer {api_key}"
-        per_client = min(config.max_in_flight, CONNECTIONS_PER_CLIENT)
-        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-        ssl_context = httpx.create_ssl_context()  # once: building one per client is slow
-
-        def new_client() -> httpx.AsyncClient:
-            return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(config.timeout), limits=limits,
-                                     transport=transport, verify=ssl_context)
-
-        self._new_client = new_client
-        self._clients: list[httpx.AsyncClient] = []
-        self._busy: list[int] = []
-        self._max_clients = -(-config.max_in_flight // per_client)
+            headers["Authorization"] = f"Bearer {api_key}"  # kept in the request head only
+        # Certificates are checked against the same authorities as httpx would (certifi's, or
+        # SSL_CERT_FILE / SSL_CERT_DIR); the context is made once, and only for an https endpoint.
+        ssl_context = httpx.create_ssl_context() if config.endpoint.lower().startswith("https:") else None
+        self._endpoint = Endpoint(config.endpoint, headers, ssl_context, environ=environ)
         self._slots = asyncio.Semaphore(config.max_in_flight)
 
     async def __aenter__(self) -> LLM:
@@ -173,20 +157,8 @@ class LLM:
         await self.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients, self._busy = self._clients, [], []
-        for client in clients:
-            await client.aclose()
+        await self._endpoint.aclose()
         self.breaker.close()
-
-    def _pick(self) -> int:
-        """The least busy client, adding one while all are full (callers hold a slot, so this stops)."""
-        if self._busy:
-            index = min(range(len(self._busy)), key=self._busy.__getitem__)
-            if self._busy[index] < CONNECTIONS_PER_CLIENT or len(self._clients) >= self._max_clients:
-                return index
-        self._clients.append(self._new_client())
-        self._busy.append(0)
-        return len(self._clients) - 1
 
     async def complete(self, system: str, text: str) -> LLMReply | Fallback:
         """Ask for a reply to `text` (sent as the user's message, never spliced into `system`)."""
@@ -214,13 +186,11 @@ class LLM:
             return LLMReply(text_out, model, _ms(started))
         except TimeoutError:
             reason = "timeout" if acquired else "busy"
-        except httpx.TimeoutException:
-            reason = "timeout"
         except _HTTPStatus as error:
             reason = f"http {error.status}"
         except BadResponse as error:
             reason = f"bad response: {error}"
-        except httpx.TransportError:
+        except (OSError, ProtocolError):  # refused, reset, TLS, DNS, or not HTTP as we read it
             reason = "connection"
         except Exception as error:  # noqa: BLE001 - whatever happens, the participant gets the offline text
             log.exception("unexpected error calling the LLM")
@@ -238,21 +208,14 @@ class LLM:
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         }
-        index = self._pick()
-        self._busy[index] += 1
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         try:
-            async with self._clients[index].stream("POST", self.config.endpoint, json=payload) as response:
-                if not 200 <= response.status_code < 300:
-                    raise _HTTPStatus(response.status_code)
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body.extend(chunk)
-                    if len(body) > MAX_BODY_BYTES:
-                        raise BadResponse(f"body over {MAX_BODY_BYTES // 1024} KiB")
-        finally:
-            if index < len(self._busy):  # aclose() may have emptied the lists meanwhile
-                self._busy[index] -= 1
-        return parse_completion(bytes(body), self.config.model)
+            response = await self._endpoint.post(body, "application/json", MAX_BODY_BYTES)
+        except BodyTooLarge:
+            raise BadResponse(f"body over {MAX_BODY_BYTES // 1024} KiB") from None
+        if not 200 <= response.status < 300:
+            raise _HTTPStatus(response.status)
+        return parse_completion(response.body, self.config.model)
 
 
 class _HTTPStatus(Exception):
@@ -266,7 +229,7 @@ def _ms(started: float) -> int:
 
 
 def create_llm(settings: Settings, environ: Mapping[str, str] | None = None,
-               transport: httpx.AsyncBaseTransport | None = None, database: str | Path | None = None) -> LLM | None:
+               database: str | Path | None = None) -> LLM | None:
     """The worker's LLM, or None when none is configured (the offline paraphraser answers).
 
     With `database`, the circuit breaker's state is shared by every worker using that database.
@@ -274,7 +237,7 @@ def create_llm(settings: Settings, environ: Mapping[str, str] | None = None,
     config = LLMConfig.from_settings(settings)
     if config is None:
         return None
-    return LLM(config, api_key=config.api_key(environ), transport=transport,
+    return LLM(config, api_key=config.api_key(environ), environ=environ,
                breaker_path=f"{database}{BREAKER_SUFFIX}" if database else None)
 
 
