@@ -8,12 +8,16 @@ samples the worker during a separate pass and splits each kind's CPU by where it
 
     python bench/request_cpu.py --checkout /work/wt/baseline --checkout . --rounds 3 --py-spy
 
+With `--llm` the server asks the fake LLM (its own process, answering at once) wherever the study
+would ask one, so the CPU of the calls is counted too.
+
 Numbers depend on whatever else runs on the machine: compare checkouts within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -28,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from combot.bench import worker_pids
+from combot.fakellm import running_fake_llm
 
 TICKS = os.sysconf("SC_CLK_TCK")
 TEXTS = [
@@ -75,7 +80,8 @@ class Server:
         self.workdir = workdir
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "COMBOT_RATE_LIMIT": "0",
                "COMBOT_ADMIN_TOKEN": "bench", **extra_env}
-        env.pop("COMBOT_LLM_URL", None)
+        if "COMBOT_LLM_URL" not in extra_env:
+            env.pop("COMBOT_LLM_URL", None)
         self.log = (workdir / "server.log").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "combot", "serve", "--workers", "1", "--host", "127.0.0.1", "--port",
@@ -197,7 +203,17 @@ def main() -> None:
     parser.add_argument("--py-spy", action="store_true", help="also split the CPU by where it goes")
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("--keep", help="copy py-spy's raw stacks into this folder")
+    parser.add_argument("--llm", action="store_true", help="serve with the fake LLM (answering at once)")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        llm_env: dict[str, str] = {}
+        if args.llm:
+            url = stack.enter_context(running_fake_llm(latency=0.0))
+            llm_env = {"COMBOT_LLM_URL": url, "COMBOT_LLM_MODEL": "fake-llm", "COMBOT_REPLY_TIMING": "none"}
+        measure(args, llm_env)
+
+
+def measure(args: argparse.Namespace, llm_env: dict[str, str]) -> None:
     checkouts = [Path(c) for c in args.checkout]
     results: dict[str, list[dict[str, float]]] = {str(c): [] for c in checkouts}
     splits: dict[str, dict[str, Counter[str]]] = {}
@@ -206,7 +222,7 @@ def main() -> None:
         for index, checkout in enumerate(checkouts):
             workdir = Path(tmp) / f"c{index}"
             workdir.mkdir()
-            servers[str(checkout)] = Server(checkout, workdir, args.access_log, {})
+            servers[str(checkout)] = Server(checkout, workdir, args.access_log, llm_env)
         try:
             for server in servers.values():
                 one_pass(server, 20, 10_000_000)  # warm-up: imports, caches, the first classification
