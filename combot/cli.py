@@ -69,7 +69,7 @@ def _load(config_path: str | None, section: str = "", flags: dict[str, Any] | No
 @cli.command()
 @_config_option
 @_setting_options("server", ("host", "port", "workers", "database", "request_timeout", "graceful_timeout",
-                             "max_requests", "access_log", "trusted_hosts", "certfile", "keyfile",
+                             "keep_alive_timeout", "max_requests", "access_log", "trusted_hosts", "certfile", "keyfile",
                              "forwarded_allow_ips", "reply_timing"))
 def serve(config_path: str | None, **flags: Any) -> None:
     """Serve the study: a multi-process web server for participants (HTTPS with --certfile and --keyfile)."""
@@ -86,6 +86,7 @@ def serve(config_path: str | None, **flags: Any) -> None:
         database=Path(cfg["database"]), host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
         graceful_timeout=cfg["graceful_timeout"], max_requests=cfg["max_requests"], access_log=cfg["access_log"],
         request_timeout=cfg["request_timeout"], certfile=cfg["certfile"], keyfile=cfg["keyfile"],
+        keep_alive_timeout=cfg["keep_alive_timeout"],
     )
     url = server.bound_url(options.host, options.port, tls=bool(options.certfile))
 

@@ -35,6 +35,7 @@ log = logging.getLogger("combot.llm")
 MAX_REPLY_CHARS = 600
 # A chat-completions answer of this size is already wrong; stop reading there.
 MAX_BODY_BYTES = 256 * 1024
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _URL = re.compile(r"(?i)\b(?:https?|ftp|mailto):|\bwww\.|\]\(")
 _MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>|```|\*\*|__|^\s*(?:#{1,6}\s|[-*+]\s|\d+[.)]\s)", re.MULTILINE)
 _AI_TALK = re.compile(r"(?i)\b(?:as an ai|an ai (?:assistant|model|language)|language model|chatgpt|openai)\b")
@@ -111,7 +112,8 @@ class LLMReply:
 
 @dataclass(frozen=True)
 class Fallback:
-    """Why the offline text is used: timeout, busy, http <status>, connection, bad response: <why>."""
+    """Why the offline text is used: timeout, busy, http <status>, connection, bad response: <why>,
+    unusable API key."""
 
     reason: str
     latency_ms: int
@@ -142,6 +144,14 @@ class LLM:
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown, path=breaker_path,
                                       probe_lease=config.timeout + 1.0)
         headers = {"User-Agent": f"combot/{__version__}", "Accept": "application/json"}
+        # A key pasted with a line end (an env file's) is trimmed; one with any other character a
+        # header cannot carry would break every request: the offline text answers instead.
+        self.key_unusable = False
+        api_key = (api_key or "").strip()
+        if api_key and not _PRINTABLE_ASCII.fullmatch(api_key):
+            log.error("the API key in $%s has a character an HTTP header cannot carry: every LLM reply falls"
+                      " back to the offline text", config.api_key_env)
+            self.key_unusable, api_key = True, ""
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"  # kept in the request head only
         # Certificates are checked against the same authorities as httpx would (certifi's, or
@@ -162,6 +172,8 @@ class LLM:
 
     async def complete(self, system: str, text: str) -> LLMReply | Fallback:
         """Ask for a reply to `text` (sent as the user's message, never spliced into `system`)."""
+        if self.key_unusable:
+            return Fallback("unusable API key", 0)
         ticket = self.breaker.admit()
         if ticket is None:
             # The LLM failed again and again just now: nobody waits for it until the cool-down ends.

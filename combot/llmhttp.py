@@ -10,9 +10,10 @@ It does what the adapter needs and no more:
   kept alive for the next call and dropped once idle for `IDLE_SECONDS` or closed by the server;
 - responses framed by Content-Length, chunked, or the end of the connection; gzip and deflate
   bodies decoded; a body past `max_body` bytes, or a header block past `MAX_HEAD_BYTES`, refused;
-- an http:// proxy from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (NO_PROXY respected), as httpx reads
-  them: a CONNECT tunnel for an https endpoint, the absolute URL for an http one, Basic credentials
-  from the proxy URL.
+- an http:// proxy from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, with NO_PROXY read as httpx reads it:
+  a CONNECT tunnel for an https endpoint, the absolute URL for an http one, Basic credentials from
+  the proxy URL. (httpx would also take an https:// or socks5:// proxy; this client logs a warning
+  and calls the endpoint directly.)
 
 Timeouts are the caller's (`asyncio.timeout`): a call cancelled half-way closes its connection.
 """
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
+import re
 import ssl
 import time
 import zlib
@@ -78,7 +81,7 @@ def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
     bracketed = f"[{host}]" if ":" in host else host
     host_header = bracketed if default_port else f"{bracketed}:{port}"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    proxy = _proxy_for(parts.scheme, host, environ)
+    proxy = _proxy_for(parts.scheme, host, port, environ)
     if proxy is None:
         return _Route(host, port, tls, path, host_header)
     proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
@@ -98,32 +101,62 @@ def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
                   proxy_authorization=credentials)
 
 
-def _proxy_for(scheme: str, host: str, environ: Mapping[str, str] | None) -> str | None:
-    """The proxy URL for `scheme`://`host` from *_PROXY variables (lower-case names win), or None."""
+def _proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | None) -> str | None:
+    """The proxy URL for `scheme`://`host`:`port` from *_PROXY variables (lower-case names win), or None."""
     proxies: dict[str, str] = {}
     for name, value in sorted((os.environ if environ is None else environ).items(), key=lambda i: i[0].islower()):
         if value and name.lower().endswith("_proxy"):
             proxies[name.lower()[:-len("_proxy")]] = value.strip()
     proxy = proxies.get(scheme) or proxies.get("all")
-    if not proxy or _bypassed(host, proxies.get("no", "")):
+    if not proxy or any(_no_proxy_covers(entry.strip(), scheme, host, port)
+                        for entry in proxies.get("no", "").split(",")):
         return None
     return proxy
 
 
-def _bypassed(host: str, no_proxy: str) -> bool:
-    """Whether NO_PROXY names `host`: "*", the host itself, or a domain it is in ("example.com" and
-    ".example.com" both cover "api.example.com"); a port after a name is ignored."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy.lower().split(","):
-        entry = entry.strip()
-        if entry.startswith("[") and "]" in entry:
-            entry = entry[1:entry.index("]")]
-        elif entry.count(":") == 1:
-            entry = entry.split(":", 1)[0]
-        entry = entry.lstrip(".")
-        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
-            return True
-    return False
+def _no_proxy_covers(entry: str, scheme: str, host: str, port: int) -> bool:
+    """Whether one NO_PROXY entry covers the URL, read as httpx reads it: "*" covers everything;
+    "scheme://host[:port]" that scheme and host; an IP address or "localhost" that host alone;
+    "example.com" the domain and every name under it, ".example.com" only the names under it; a
+    ":port" after a name limits it to that port."""
+    if not entry:
+        return False
+    if entry == "*":
+        return True
+    entry_scheme, exact = "all", "://" in entry
+    if exact:
+        entry_scheme, _, entry = entry.partition("://")
+        if entry_scheme.lower() not in ("all", scheme):
+            return False
+    entry = entry.strip("/").lower()
+    entry_port: int | None = None
+    if entry.startswith("["):  # [v6] or [v6]:port
+        name, _, rest = entry[1:].partition("]")
+        if rest.startswith(":") and rest[1:].isdigit():
+            entry_port = int(rest[1:])
+    elif entry.count(":") == 1:
+        name, _, port_text = entry.partition(":")
+        if not port_text.isdigit():
+            return False
+        entry_port = int(port_text)
+    else:
+        name = entry  # a bare name, or an IPv6 address without brackets
+    if entry_port is not None and entry_port != port:
+        return False
+    host = host.lower()
+    if exact or _is_ip(name) or name == "localhost":
+        return host == name
+    if name.startswith("."):
+        return host.endswith(name)
+    return host == name or host.endswith("." + name)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class _Connection(asyncio.Protocol):
@@ -132,9 +165,11 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.ended = False  # the server closed its side (or the connection is gone)
+        self.ended = False  # closed, by either side
+        self.peer_closed = False  # the server closed it (or the network did), not this client
+        self.pooled = False  # idle in the pool: no request of ours is out, so no byte is due
         self.idle_since = 0.0
-        self.answered = False  # a status line arrived for the request being sent
+        self.answered = False  # a byte of an answer arrived for the request being sent
         self._waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------
@@ -143,15 +178,23 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.pooled:
+            # Bytes nobody asked for (a 408 before a close, a server's bug): read as the next call's
+            # answer they would shift every later answer on this connection by one. Never reused.
+            self.close()
+            return
+        self.answered = True
         self.buffer += data
         self._wake()
 
     def eof_received(self) -> bool | None:
-        self.ended = True
+        self.ended = self.peer_closed = True
         self._wake()
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended:
+            self.peer_closed = True
         self.ended = True
         self._wake()
 
@@ -163,10 +206,12 @@ class _Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.ended and self.transport is not None and not self.transport.is_closing()
+        return (not self.ended and not self.buffer and self.transport is not None
+                and not self.transport.is_closing() and self.transport.get_write_buffer_size() == 0)
 
     def close(self) -> None:
         self.ended = True
+        self._wake()
         if self.transport is not None:
             self.transport.abort()
 
@@ -235,26 +280,27 @@ class Endpoint:
             fixed["Proxy-Authorization"] = self._route.proxy_authorization
         self._head = (f"POST {self._route.target} HTTP/1.1\r\n"
                       + "".join(f"{name}: {value}\r\n" for name, value in fixed.items())).encode("latin-1")
-        self._idle: list[_Connection] = []
+        self._idle: list[_Connection] = []  # a stack: the most recently used on top
         self._open: set[_Connection] = set()
+        self._closed = False
 
     async def post(self, body: bytes, content_type: str, max_body: int) -> Response:
         """POST `body`; the whole response, or ProtocolError / OSError / BodyTooLarge.
 
-        A request sent on a reused connection that the server closed before answering a byte is
-        sent once more on a new connection (the server dropped an idle connection as it was reused).
+        A request sent on a reused connection that the server closed before a byte of an answer is
+        sent once more, on a new connection: the server dropped an idle connection as it was reused
+        (browsers do the same). A request is never sent again once any answer has begun.
         """
         request = (self._head + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
                    .encode("latin-1") + body)
         connection, reused = await self._connection()
         try:
-            response = await self._exchange(connection, request, max_body)
+            return await self._exchange(connection, request, max_body)
         except ProtocolError:
-            if not (reused and connection.ended and not connection.buffer and not connection.answered):
+            if not (reused and connection.peer_closed and not connection.answered and not self._closed):
                 raise
-            connection, reused = await self._connection(fresh=True)
-            response = await self._exchange(connection, request, max_body)
-        return response
+        connection, _ = await self._connection(fresh=True)
+        return await self._exchange(connection, request, max_body)
 
     async def _exchange(self, connection: _Connection, request: bytes, max_body: int) -> Response:
         done = False
@@ -267,18 +313,24 @@ class Endpoint:
         finally:
             if not done:
                 self._discard(connection)
-        if keep and connection.usable and not connection.buffer:
-            connection.idle_since = time.monotonic()
+        if keep and connection.usable and not self._closed:
+            connection.idle_since, connection.pooled = time.monotonic(), True
             self._idle.append(connection)
         else:
             self._discard(connection)
         return response
 
     async def _connection(self, fresh: bool = False) -> tuple[_Connection, bool]:
+        if self._closed:
+            raise ProtocolError("the LLM client is closed")
         now = time.monotonic()
+        # The oldest idle connections are at the bottom of the stack: close the expired ones.
+        while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
+            self._discard(self._idle.pop(0))
         while self._idle and not fresh:
             connection = self._idle.pop()
-            if connection.usable and now - connection.idle_since < IDLE_SECONDS:
+            connection.pooled = False
+            if connection.usable:
                 return connection, True
             self._discard(connection)
         return await self._connect(), False
@@ -292,6 +344,8 @@ class Endpoint:
             server_hostname=routed.host if direct_tls is not None else None)
         self._open.add(connection)
         try:
+            if self._closed:  # aclose() ran while this connection was being made
+                raise ProtocolError("the LLM client is closed")
             if routed.tunnel is not None:
                 await self._tunnel(connection)
         except BaseException:
@@ -307,7 +361,7 @@ class Endpoint:
         if routed.proxy_authorization:
             head += f"Proxy-Authorization: {routed.proxy_authorization}\r\n"
         connection.transport.write((head + "\r\n").encode("latin-1"))
-        status, _ = await _read_head(connection)
+        status, _, _ = await _read_head(connection)
         if not 200 <= status < 300:
             raise ProtocolError(f"the proxy refused the tunnel: HTTP {status}")
         if connection.buffer:
@@ -324,55 +378,66 @@ class Endpoint:
         self._open.discard(connection)
 
     async def aclose(self) -> None:
+        """Close every connection, idle or in use (a call in flight fails, and is not sent again)."""
+        self._closed = True
         for connection in list(self._open):
             self._discard(connection)
         self._idle.clear()
 
 
-async def _read_head(connection: _Connection) -> tuple[int, dict[str, str]]:
-    """A response's status and headers, skipping any 1xx interim response."""
+async def _read_head(connection: _Connection) -> tuple[int, str, dict[str, str]]:
+    """A response's status, HTTP version and headers (lower-case names; a repeated header's values
+    joined by ", "), skipping any 1xx interim response."""
     while True:
         head = await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
-        connection.answered = True
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS.fullmatch(code) or rest[3:4] not in ("", " "):
             raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
             if not line:
                 continue
             name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
+            if not colon or not _TOKEN.fullmatch(name):
                 raise ProtocolError(f"a malformed header line: {line[:80]!r}")
-            headers[name.lower()] = value.strip()
+            name, value = name.lower(), value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         status = int(code)
         if 100 <= status < 200 and status != 101:
             continue
-        if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
-            headers.setdefault("connection", "close")
-        return status, headers
+        return status, version, headers
+
+
+_DIGITS = re.compile(r"[0-9]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 async def _read_response(connection: _Connection, max_body: int) -> tuple[Response, bool]:
-    """The response and whether its connection may carry another request."""
-    status, headers = await _read_head(connection)
-    keep = "close" not in headers.get("connection", "").lower()
+    """The response and whether its connection may carry another request (RFC 9112, section 6.3)."""
+    status, version, headers = await _read_head(connection)
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
     encoding = headers.get("transfer-encoding", "").lower()
-    if encoding:
+    if status == 101:
+        raise ProtocolError("the server switched protocols")
+    if status in (204, 304):
+        body = b""  # never a body, whatever the headers say
+    elif encoding:
         if encoding.rsplit(",", 1)[-1].strip() != "chunked":
             raise ProtocolError(f"an unsupported transfer-encoding: {encoding[:40]!r}")
         body = await _read_chunked(connection, max_body)
+        keep = keep and "content-length" not in headers  # both: a sign of smuggling; do not reuse
     elif "content-length" in headers:
-        value = headers["content-length"]
-        if not value.isdigit():
-            raise ProtocolError(f"a malformed content-length: {value[:40]!r}")
-        if int(value) > max_body:
+        values = {value.strip() for value in headers["content-length"].split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            raise ProtocolError(f"a malformed content-length: {headers['content-length'][:40]!r}")
+        length = int(values.pop())
+        if length > max_body:
             raise BodyTooLarge
-        body = await connection.read_exactly(int(value))
-    elif status in (204, 304):
-        body = b""
+        body = await connection.read_exactly(length)
     else:
         body, keep = await connection.read_to_end(max_body), False
     coding = headers.get("content-encoding", "identity").lower().strip()
@@ -388,10 +453,9 @@ async def _read_chunked(connection: _Connection, max_body: int) -> bytes:
     while True:
         line = await connection.read_until(b"\r\n", 1024)
         size_text = line[:-2].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ProtocolError(f"a malformed chunk size: {size_text[:20]!r}") from None
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise ProtocolError(f"a malformed chunk size: {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             while await connection.read_until(b"\r\n", MAX_HEAD_BYTES) != b"\r\n":  # trailers, then the end
                 pass
@@ -404,18 +468,16 @@ async def _read_chunked(connection: _Connection, max_body: int) -> bytes:
 
 
 def _decompress(body: bytes, coding: str, max_body: int) -> bytes:
-    wbits = 16 + zlib.MAX_WBITS if "gzip" in coding else zlib.MAX_WBITS
-    try:
+    """A gzip or deflate body decoded, at most `max_body` bytes of it; a truncated one is refused."""
+    # deflate is meant to be zlib-wrapped; some servers send it raw, so that is tried second.
+    for wbits in ((16 + zlib.MAX_WBITS,) if "gzip" in coding else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
         decoder = zlib.decompressobj(wbits)
-        data = decoder.decompress(body, max_body + 1)
-        if coding == "deflate" and not data and body:
-            raise zlib.error
-    except zlib.error:
-        try:  # "deflate" sent raw, without the zlib wrapper, as some servers do
-            decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
             data = decoder.decompress(body, max_body + 1)
         except zlib.error:
-            raise ProtocolError(f"a body that is not valid {coding}") from None
-    if len(data) > max_body:
-        raise BodyTooLarge
-    return data
+            continue
+        if len(data) > max_body:
+            raise BodyTooLarge
+        if decoder.eof:
+            return data
+    raise ProtocolError(f"a body that is not valid {coding}")

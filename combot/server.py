@@ -48,6 +48,7 @@ class ServeOptions:
     request_timeout: float
     certfile: str = ""
     keyfile: str = ""
+    keep_alive_timeout: float = 75.0
 
 
 def hypercorn_config(options: ServeOptions) -> Config:
@@ -57,7 +58,7 @@ def hypercorn_config(options: ServeOptions) -> Config:
     config.application_path = "combot.web:create_app()"
     config.workers = options.workers
     config.graceful_timeout = options.graceful_timeout
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = options.keep_alive_timeout
     config.backlog = 2048
     if options.max_requests > 0:
         config.max_requests = options.max_requests

@@ -132,6 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "database", "combot.db", "SQLite database file (created when missing).", str, "COMBOT_DB"),
     Option("server", "request_timeout", 60.0, "Seconds before a request is answered with 503.", float),
     Option("server", "graceful_timeout", 30.0, "Seconds in-flight requests get to finish on shutdown.", float),
+    Option("server", "keep_alive_timeout", 75.0, "Seconds an idle keep-alive connection stays open.", float),
     Option("server", "max_requests", 0, "Recycle a worker after this many requests (0: never).", int),
     Option("server", "access_log", "-", "Access log file ('-': standard output, '': off); it names participants by id, never by session"
            " token."),
@@ -246,7 +247,7 @@ class Settings:
 # in the process that reads the file, so no worker ever starts with a value it cannot use.
 LIMITS: dict[str, tuple[float | None, float | None]] = {
     "server.port": (1, 65535), "server.workers": (1, 256), "server.request_timeout": (0.1, None),
-    "server.graceful_timeout": (0, None), "server.max_requests": (0, None), "server.max_message_chars": (1, None),
+    "server.graceful_timeout": (0, None), "server.keep_alive_timeout": (1, None), "server.max_requests": (0, None), "server.max_message_chars": (1, None),
     "server.max_body_bytes": (1024, None), "server.rate_limit": (0, None),
     "classifier.threshold": (0.0, 1.0), "classifier.max_length": (2, 512), "classifier.threads": (1, 64),
     "llm.temperature": (0.0, 2.0), "llm.max_tokens": (1, None), "llm.timeout": (0.1, None),

@@ -495,3 +495,165 @@ def test_the_llm_checks_certificates_as_httpx_does(certificate: tuple[Path, Path
     monkeypatch.delenv("SSL_CERT_FILE")
     outcome = against(Scripted([[answer + completion]]), call, tls=served)
     assert isinstance(outcome, Fallback) and outcome.reason == "connection"
+
+
+# --- what a second reader found ---------------------------------------------------------------------
+
+
+def echo(stray: bytes = b"") -> Answer:
+    """Answer with the request's own body (so each answer names its request), then send `stray`."""
+    async def answer(server: Scripted, writer: asyncio.StreamWriter) -> None:
+        body = server.seen[-1].body
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        if stray:
+            await asyncio.sleep(0.05)  # once the client has put the connection back in its pool
+            writer.write(stray)
+            await writer.drain()
+    return answer
+
+
+def test_bytes_on_an_idle_connection_never_become_the_next_calls_answer() -> None:
+    """A server that sends something unasked on an idle connection (a 408 before it closes, a bug)
+    would otherwise shift every later answer by one: a participant would get another's reply."""
+    server = Scripted([[echo(stray=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")], [echo()]])
+
+    async def go(url: str) -> list[bytes]:
+        endpoint = Endpoint(url, HEADERS, environ={})
+        try:
+            first = await endpoint.post(b"participant-A", "application/json", 100)
+            for _ in range(400):  # until the stray bytes have reached the idle connection
+                if not endpoint._idle or endpoint._idle[0].ended or endpoint._idle[0].buffer:
+                    break
+                await asyncio.sleep(0.005)
+            rest = [await endpoint.post(name, "application/json", 100) for name in (b"participant-B", b"participant-C")]
+            return [r.body for r in [first, *rest]]
+        finally:
+            await endpoint.aclose()
+
+    assert against(server, go) == [b"participant-A", b"participant-B", b"participant-C"]
+    assert server.connections == 2
+
+
+def test_aclose_during_a_call_fails_it_without_sending_it_again() -> None:
+    async def never(server: Scripted, _: asyncio.StreamWriter) -> None:
+        await server.stopping.wait()
+
+    server = Scripted([[HELLO, never]])
+
+    async def go(url: str) -> None:
+        endpoint = Endpoint(url, HEADERS, environ={})
+        await endpoint.post(b"a", "application/json", 100)  # the connection is now a reused one
+        call = asyncio.create_task(endpoint.post(b"b", "application/json", 100))
+        while len(server.seen) < 2:
+            await asyncio.sleep(0.005)
+        await endpoint.aclose()
+        with pytest.raises(ProtocolError):
+            await call
+        assert not endpoint._open and not endpoint._idle
+        with pytest.raises(ProtocolError):
+            await endpoint.post(b"c", "application/json", 100)
+
+    against(server, go)
+    assert [s.body for s in server.seen] == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.0 200 OK\r\nConnection: foo\r\nContent-Length: 5\r\n\r\nhello",
+], ids=["chunked and a length", "close, then keep-alive", "keep-alive and close", "1.0 without keep-alive"])
+def test_an_answer_that_may_leave_the_connection_unclear_is_not_reused(answer: bytes) -> None:
+    server = Scripted([[answer]])
+    responses = against(server, lambda url: posts(url, calls=2))
+    assert [r.body for r in responses] == [b"hello", b"hello"]  # type: ignore[union-attr]
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 12\r\n\r\n" + gzip.compress(b"hello" * 20)[:12],
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+], ids=["two lengths", "a non-ASCII digit", "a signed length", "a negative chunk", "a 0x chunk", "a 1_0 chunk",
+        "truncated gzip", "a protocol switch"])
+def test_lenient_framing_is_a_protocol_error(answer: bytes) -> None:
+    server = Scripted([[closing(answer)]])
+    with pytest.raises(ProtocolError):
+        against(server, lambda url: posts(url))
+
+
+def test_no_body_after_204_whatever_the_headers_say() -> None:
+    server = Scripted([[b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", HELLO]])
+    responses = against(server, lambda url: posts(url, calls=2))
+    assert [(r.status, r.body) for r in responses] == [(204, b""), (200, b"hello")]  # type: ignore[union-attr]
+    assert server.connections == 1
+
+
+def test_expired_idle_connections_are_closed_even_below_the_top_of_the_stack() -> None:
+    server = Scripted([[HELLO]])
+
+    async def go(url: str) -> tuple[int, int]:
+        endpoint = Endpoint(url, HEADERS, environ={})
+        try:
+            await asyncio.gather(*(endpoint.post(b"{}", "application/json", 100) for _ in range(5)))
+            opened = len(endpoint._idle)
+            for connection in endpoint._idle[:-1]:  # all but the most recently used have expired
+                connection.idle_since -= llmhttp.IDLE_SECONDS + 1
+            await endpoint.post(b"{}", "application/json", 100)
+            return opened, len(endpoint._open)
+        finally:
+            await endpoint.aclose()
+
+    assert against(server, go) == (5, 1)  # the 4 expired ones closed, the fresh one reused
+
+
+def test_no_proxy_entries_are_read_as_httpx_reads_them() -> None:
+    proxy = {"HTTPS_PROXY": "http://proxy.lan:3128", "HTTP_PROXY": "http://proxy.lan:3128"}
+
+    def direct(url: str, no_proxy: str) -> bool:
+        return route(url, {**proxy, "NO_PROXY": no_proxy}).host != "proxy.lan"
+
+    api = "https://api.example.com/v1"
+    assert direct(api, "example.com") and direct("https://example.com/v1", "example.com")
+    assert direct(api, ".example.com") and not direct("https://example.com/v1", ".example.com")
+    assert direct(api, "api.example.com:443") and not direct(api, "api.example.com:8443")
+    assert direct("http://localhost:8000/v1", "localhost") and not direct("http://a.localhost/v1", "localhost")
+    assert direct("http://10.0.0.5:8000/v1", "10.0.0.5") and not direct("http://10.0.0.50/v1", "10.0.0.5")
+    assert direct("http://[::1]:8000/v1", "::1") and direct("http://[::1]:8000/v1", "[::1]:8000")
+    assert direct(api, "https://api.example.com") and not direct("http://api.example.com/v1", "https://api.example.com")
+    assert not direct("https://eu.api.example.com/v1", "https://api.example.com")
+    assert not direct(api, "ample.com") and not direct(api, "")
+
+
+@pytest.mark.parametrize("key, sent", [("sk-abc\n", "Bearer sk-abc"), ("  sk-abc  ", "Bearer sk-abc")])
+def test_an_api_key_with_a_line_end_is_trimmed(key: str, sent: str) -> None:
+    completion = json.dumps({"model": "m", "choices": [{"message": {"content": "So it broke."},
+                                                         "finish_reason": "stop"}]}).encode()
+    server = Scripted([[b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(completion) + completion]])
+
+    async def call(url: str) -> LLMReply | Fallback:
+        async with LLM(LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10), api_key=key) as llm:
+            return await llm.complete("Paraphrase.", "It broke.")
+
+    assert isinstance(against(server, call), LLMReply)
+    assert server.seen[0].headers["authorization"] == sent
+
+
+@pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: yes", "sk-\u00e9t\u00e9", "sk abc"])
+def test_an_api_key_a_header_cannot_carry_falls_back_without_a_request(key: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = Scripted([[HELLO]])
+
+    async def call(url: str) -> LLMReply | Fallback:
+        async with LLM(LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10), api_key=key) as llm:
+            return await llm.complete("Paraphrase.", "It broke.")
+
+    with caplog.at_level(logging.ERROR, logger="combot.llm"):
+        outcome = against(server, call)
+    assert outcome == Fallback("unusable API key", 0) and server.seen == []
+    assert "OPENAI_API_KEY" in caplog.text and key not in caplog.text
