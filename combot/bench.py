@@ -212,6 +212,17 @@ class Connection:
                     raise
         raise AssertionError("unreachable")
 
+    async def last_send(self, raw: bytes) -> str:
+        """Send one request without resending it and close the connection: its status as text, or
+        the name of the connection error that took its answer (the races of combot/graceful.py)."""
+        try:
+            status, _ = await self.send(raw, resend=False)
+            return str(status)
+        except (ConnectionError, asyncio.IncompleteReadError) as error:
+            return type(error).__name__
+        finally:
+            self.close()
+
     async def _response(self) -> tuple[int, bytes]:
         assert self._reader is not None
         head = await self._reader.readuntil(b"\r\n\r\n")

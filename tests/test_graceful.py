@@ -19,6 +19,7 @@ from combot.bench import Connection
 from tests.conftest import LiveServer
 from tests.test_faults import all_workers_up
 
+MESSAGE = {"text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}
 REQUEST = (b"POST /api/sessions/x/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            b"Content-Length: 2\r\n\r\n{}")
 
@@ -133,15 +134,8 @@ def test_messages_sent_as_a_stop_begins_are_answered_or_never_taken(live_server:
 
         async def send(connection: Connection, token: str) -> None:
             await asyncio.sleep(random.uniform(0, 0.3))  # spread across the moment the stop begins
-            message = {"text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}
-            try:  # not sent again on a new connection: a lost answer must show
-                status, _ = await connection.send(connection.request(f"api/sessions/{token}/messages", message),
-                                                  resend=False)
-                outcome[token] = str(status)
-            except (ConnectionError, asyncio.IncompleteReadError) as error:
-                outcome[token] = type(error).__name__
-            finally:
-                connection.close()
+            # Not sent again on a new connection: a lost answer must show.
+            outcome[token] = await connection.last_send(connection.request(f"api/sessions/{token}/messages", MESSAGE))
 
         sending = [asyncio.create_task(send(*connection)) for connection in connections]
         await asyncio.sleep(0.04)
@@ -183,15 +177,8 @@ def test_messages_sent_as_a_kept_alive_connection_expires_are_answered_or_never_
         # Hypercorn's timer starts when it has sent the answer, a little before the client reads it.
         due = answered + 2.0 + random.uniform(-0.05, 0.03)
         await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
-        message = {"text": "My parcel never arrived and nobody answered my emails.", "client_message_id": "m1"}
-        try:  # not sent again on a new connection: a lost answer must show
-            status, _ = await connection.send(connection.request(f"api/sessions/{token}/messages", message),
-                                              resend=False)
-            outcome[token] = str(status)
-        except (ConnectionError, asyncio.IncompleteReadError) as error:
-            outcome[token] = type(error).__name__
-        finally:
-            connection.close()
+        # Not sent again on a new connection: a lost answer must show.
+        outcome[token] = await connection.last_send(connection.request(f"api/sessions/{token}/messages", MESSAGE))
 
     async def crowd() -> None:
         # All at once, as in a launch: the expiries then come together, and so do the closes.
