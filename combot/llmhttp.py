@@ -1,9 +1,9 @@
 """The LLM's HTTP: a lean HTTP/1.1 client that POSTs JSON to one endpoint over kept-alive connections.
 
 The LLM adapter used httpx. Measured with `bench/llm_client_cpu.py`, one chat-completions call cost
-a worker 1.9-2.1 ms of CPU through httpx (httpcore's pool, anyio, its models) and 0.1-0.4 ms
-through this client: in a launch burst that is a third as much again as classifying the message.
-It does what the adapter needs and no more:
+a worker 1.6-2.2 ms of CPU through httpx (httpcore's pool, anyio, its models) and 0.15-0.5 ms
+through this client; classifying a first message costs ~3.5 ms, so in a launch burst httpx added
+about half as much again. It does what the adapter needs and no more:
 
 - HTTP/1.1 over TCP or TLS (certificates checked as httpx checks them: `httpx.create_ssl_context`,
   which honours SSL_CERT_FILE and SSL_CERT_DIR), one request at a time per connection, connections
@@ -52,7 +52,7 @@ class BodyTooLarge(Exception):
 @dataclass(frozen=True)
 class Response:
     status: int
-    headers: dict[str, str]  # lower-cased names; a repeated header keeps its last value
+    headers: dict[str, str]  # lower-cased names; a repeated header's values joined by ", "
     body: bytes
 
 

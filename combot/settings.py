@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -116,6 +117,20 @@ def _origins(values: list[str]) -> str:
     return ""
 
 
+def _base_url(value: str) -> str:
+    """An LLM base URL is empty (no LLM) or http(s)://host[:port][/path]."""
+    if not value.strip():
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, such as https://api.openai.com/v1; {value!r} is not one"
+    return ""
+
+
 def _optional_file(value: str) -> str:
     return f"names a file that does not exist: {value}" if value and not os.path.isfile(value) else ""
 
@@ -170,7 +185,7 @@ OPTIONS: tuple[Option, ...] = (
     # setting (settings are printed, exported and copied into worker environments): only the name
     # of the environment variable that holds it is.
     Option("llm", "base_url", "", "Chat-completions base URL, e.g. https://api.openai.com/v1"
-           " ('': no LLM, the offline paraphraser answers).", str, "COMBOT_LLM_URL"),
+           " ('': no LLM, the offline paraphraser answers).", str, "COMBOT_LLM_URL", validate=_base_url),
     Option("llm", "model", "gpt-4o-mini", "Model name sent to the service.", str, "COMBOT_LLM_MODEL"),
     Option("llm", "temperature", 0.7, "Sampling temperature.", float, "COMBOT_LLM_TEMPERATURE"),
     Option("llm", "max_tokens", 150, "Longest LLM reply, in tokens.", int, "COMBOT_LLM_MAX_TOKENS"),

@@ -116,6 +116,15 @@ def test_unknown_placeholders_are_errors_naming_the_line_and_the_known_names(stu
     assert "unknown placeholder {first_name} (this text fills in no placeholders)" in out
 
 
+@pytest.mark.parametrize("url", ["localhost:11434/v1", "ftp://example.com/v1", "http:///v1", "https://host:port/v1"])
+def test_an_llm_base_url_that_is_not_http_is_refused_at_its_line(study_file: Callable[..., Path], url: str) -> None:
+    """Workers would otherwise start with an LLM they can never call (a scheme left out, say)."""
+    path = study_file({'base_url = ""': f'base_url = "{url}"'})
+    code, out = check(path)
+    assert code != 0
+    assert f"line {line_of(path, url)}: [llm.base_url] must be an http:// or https:// URL with a host" in out
+
+
 def test_an_llm_timeout_as_long_as_the_request_timeout_is_refused_at_the_line_that_sets_it(
         study_file: Callable[..., Path]) -> None:
     """A hanging LLM must end in the offline text, not in a 503 the page retries into the same wait."""
