@@ -26,7 +26,7 @@ import httpx
 
 from combot import __version__
 from combot.breaker import OPEN_REASON, CircuitBreaker, counts_as_failure
-from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError
+from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError, route
 from combot.settings import Settings
 
 log = logging.getLogger("combot.llm")
@@ -321,4 +321,7 @@ def describe(config: LLMConfig) -> dict[str, Any]:
     """The settings in force, safe to print: the key is shown only as set or not set."""
     shown: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)}
     shown["api_key"] = "set" if config.api_key() else "not set"
+    way = route(config.endpoint)  # the proxy's address only: never its credentials
+    shown["proxy"] = (f"{way.host}:{way.port} ({'CONNECT tunnel' if way.tunnel else 'forwarding'})" if way.proxied
+                      else "none")
     return shown

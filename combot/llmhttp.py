@@ -10,9 +10,9 @@ about half as much again. It does what the adapter needs and no more:
   kept alive for the next call and dropped once idle for `IDLE_SECONDS` or closed by the server;
 - responses framed by Content-Length, chunked, or the end of the connection; gzip and deflate
   bodies decoded; a body past `max_body` bytes, or a header block past `MAX_HEAD_BYTES`, refused;
-- an http:// proxy from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, with NO_PROXY read as httpx reads it:
-  a CONNECT tunnel for an https endpoint, the absolute URL for an http one, Basic credentials from
-  the proxy URL. (httpx would also take an https:// or socks5:// proxy; this client logs a warning
+- an http:// proxy from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, with NO_PROXY read as httpx reads it
+  (and loopback endpoints always direct): a CONNECT tunnel for an https endpoint, the absolute URL
+  for an http one, Basic credentials from the proxy URL. (httpx would also take an https:// or socks5:// proxy; this client logs a warning
   and calls the endpoint directly.)
 
 Timeouts are the caller's (`asyncio.timeout`): a call cancelled half-way closes its connection.
@@ -67,6 +67,7 @@ class _Route:
     host_header: str
     tunnel: str | None = None  # "host:port" to CONNECT to through the proxy
     proxy_authorization: str | None = None
+    proxied: bool = False  # host and port are a proxy's
 
 
 def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
@@ -96,9 +97,9 @@ def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
     proxy_host, proxy_port = proxy_parts.hostname, proxy_parts.port or 80
     if tls:
         return _Route(proxy_host, proxy_port, True, path, host_header, tunnel=f"{bracketed}:{port}",
-                      proxy_authorization=credentials)
+                      proxy_authorization=credentials, proxied=True)
     return _Route(proxy_host, proxy_port, False, f"http://{host_header}{path}", host_header,
-                  proxy_authorization=credentials)
+                  proxy_authorization=credentials, proxied=True)
 
 
 def _proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | None) -> str | None:
@@ -108,7 +109,7 @@ def _proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | N
         if value and name.lower().endswith("_proxy"):
             proxies[name.lower()[:-len("_proxy")]] = value.strip()
     proxy = proxies.get(scheme) or proxies.get("all")
-    if not proxy or any(_no_proxy_covers(entry.strip(), scheme, host, port)
+    if not proxy or _loopback(host) or any(_no_proxy_covers(entry.strip(), scheme, host, port)
                         for entry in proxies.get("no", "").split(",")):
         return None
     return proxy
@@ -149,6 +150,17 @@ def _no_proxy_covers(entry: str, scheme: str, host: str, port: int) -> bool:
     if name.startswith("."):
         return host.endswith(name)
     return host == name or host.endswith("." + name)
+
+
+def _loopback(host: str) -> bool:
+    """A local LLM server (Ollama, vLLM on this VM) is never reached through a proxy, which could
+    not reach this machine's loopback anyway (httpx would send it there unless NO_PROXY says not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ip(name: str) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from combot import llmhttp
-from combot.llm import LLM, Fallback, LLMConfig, LLMReply
+from combot.llm import LLM, Fallback, LLMConfig, LLMReply, describe
 from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError, route
 from tests.test_server import self_signed
 
@@ -365,6 +365,11 @@ def test_the_route_follows_the_proxy_variables_as_httpx_reads_them(caplog: pytes
         route("ftp://example.com/v1", {})
 
 
+# Loopback endpoints never go through a proxy, so the proxy tests name the endpoint by a name only
+# the test proxy knows (it connects to 127.0.0.1 for it).
+PROXIED_NAME = "llm.test"
+
+
 @dataclass
 class Proxy:
     """A forwarding proxy on loopback: CONNECT tunnels, and absolute-URL requests passed on."""
@@ -394,14 +399,14 @@ class Proxy:
             method, target, _ = line.split(" ", 2)
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
-                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                up_reader, up_writer = await asyncio.open_connection(_resolve(host), int(port))
                 self._writers.append(up_writer)
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 rest = target.split("://", 1)[1]
                 hostport, path = rest.split("/", 1)
                 host, port = hostport.rsplit(":", 1)
-                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                up_reader, up_writer = await asyncio.open_connection(_resolve(host), int(port))
                 self._writers.append(up_writer)
                 up_writer.write(f"{method} /{path} HTTP/1.1\r\n".encode() + raw + b"\r\n")
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -417,6 +422,10 @@ class Proxy:
             writer.transport.abort()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
+
+
+def _resolve(host: str) -> str:
+    return "127.0.0.1" if host == PROXIED_NAME else host
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -436,20 +445,21 @@ def test_an_http_endpoint_through_an_http_proxy() -> None:
     async def go(url: str) -> list[llmhttp.Response]:
         proxy_url = await proxy.start()
         try:
-            return await posts(url, calls=2, environ={"HTTP_PROXY": proxy_url})
+            return await posts(url.replace("127.0.0.1", PROXIED_NAME), calls=2, environ={"HTTP_PROXY": proxy_url})
         finally:
             await proxy.stop()
 
     responses = against(server, go)
     assert [r.body for r in responses] == [b"hello"] * 2  # type: ignore[union-attr]
-    assert proxy.seen[0].request_line == f"POST http://127.0.0.1:{server.port}/v1/chat/completions HTTP/1.1"
+    assert proxy.seen[0].request_line == f"POST http://{PROXIED_NAME}:{server.port}/v1/chat/completions HTTP/1.1"
+    assert server.seen[0].headers["host"] == f"{PROXIED_NAME}:{server.port}"
     assert proxy.seen[0].headers["proxy-authorization"] == "Basic " + base64.b64encode(b"proxy-user:proxy-pass").decode()
     assert len(proxy.seen) == 1  # both requests on one kept-alive connection
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return self_signed(tmp_path_factory.mktemp("tls"))
+    return self_signed(tmp_path_factory.mktemp("tls"), also=PROXIED_NAME)
 
 
 def _tls(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -466,13 +476,14 @@ def test_https_directly_and_through_a_connect_tunnel(certificate: tuple[Path, Pa
         direct = await posts(url, calls=2, ssl_context=trusted)
         proxy_url = await proxy.start()
         try:
-            return direct + await posts(url, calls=2, ssl_context=trusted, environ={"HTTPS_PROXY": proxy_url})
+            return direct + await posts(url.replace("127.0.0.1", PROXIED_NAME), calls=2, ssl_context=trusted,
+                                        environ={"HTTPS_PROXY": proxy_url})
         finally:
             await proxy.stop()
 
     responses = against(server, go, tls=served)
     assert [r.body for r in responses] == [b"hello"] * 4  # type: ignore[union-attr]
-    assert [s.request_line for s in proxy.seen] == [f"CONNECT 127.0.0.1:{server.port} HTTP/1.1"]
+    assert [s.request_line for s in proxy.seen] == [f"CONNECT {PROXIED_NAME}:{server.port} HTTP/1.1"]
     assert proxy.seen[0].headers["proxy-authorization"].startswith("Basic ")
     assert server.connections == 2  # one direct, one tunnelled, each kept alive for its second call
 
@@ -616,9 +627,14 @@ def test_no_proxy_entries_are_read_as_httpx_reads_them() -> None:
     assert direct(api, "example.com") and direct("https://example.com/v1", "example.com")
     assert direct(api, ".example.com") and not direct("https://example.com/v1", ".example.com")
     assert direct(api, "api.example.com:443") and not direct(api, "api.example.com:8443")
-    assert direct("http://localhost:8000/v1", "localhost") and not direct("http://a.localhost/v1", "localhost")
+    assert direct("http://a.localhost/v1", "a.localhost") and not direct("http://a.localhost/v1", "localhost")
     assert direct("http://10.0.0.5:8000/v1", "10.0.0.5") and not direct("http://10.0.0.50/v1", "10.0.0.5")
-    assert direct("http://[::1]:8000/v1", "::1") and direct("http://[::1]:8000/v1", "[::1]:8000")
+    assert direct("http://[2001:db8::1]:8000/v1", "2001:db8::1") and direct("http://[2001:db8::1]:8000/v1",
+                                                                           "[2001:db8::1]:8000")
+    assert not direct("http://[2001:db8::1]:8000/v1", "[2001:db8::1]:9000")
+    # A server on this machine's loopback is always called directly: a proxy could not reach it.
+    for local in ("http://127.0.0.1:11434/v1", "http://127.8.0.1/v1", "http://[::1]:8000/v1", "http://localhost/v1"):
+        assert direct(local, "")
     assert direct(api, "https://api.example.com") and not direct("http://api.example.com/v1", "https://api.example.com")
     assert not direct("https://eu.api.example.com/v1", "https://api.example.com")
     assert not direct(api, "ample.com") and not direct(api, "")
@@ -650,3 +666,14 @@ def test_an_api_key_a_header_cannot_carry_falls_back_without_a_request(key: str,
         outcome = against(server, call)
     assert outcome == Fallback("unusable API key", 0) and server.seen == []
     assert "OPENAI_API_KEY" in caplog.text and key not in caplog.text
+
+
+def test_llm_check_shows_the_proxy_without_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = LLMConfig(base_url="https://api.example.com/v1")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:s3cret@proxy.lan:3128")
+    assert describe(config)["proxy"] == "proxy.lan:3128 (CONNECT tunnel)"
+    assert "s3cret" not in repr(describe(config))
+    monkeypatch.setenv("NO_PROXY", "example.com")
+    assert describe(config)["proxy"] == "none"

@@ -291,8 +291,8 @@ def test_a_full_disk_at_start_is_one_line(small_mount: Callable[..., Path], tmp_
                                   " write-ahead log\n")
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made by the openssl command line."""
+def self_signed(folder: Path, also: str = "") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and `also`, a DNS name) and its key, made by the openssl command line."""
     if shutil.which("openssl") is None:
         if os.environ.get("CI"):
             pytest.fail("openssl is missing and CI is set: install Debian's openssl package")
@@ -300,7 +300,8 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+                    "-addext", "subjectAltName=IP:127.0.0.1" + (f",DNS:{also}" if also else "")],
+                   check=True, capture_output=True, timeout=60)
     return cert, key
 
 
