@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -23,14 +25,23 @@ SYSTEM = "You paraphrase what a customer tells you about a bad experience, in on
 TEXT = "I ordered a standing lamp and when it arrived the shade was cracked and the switch did not work."
 
 
+async def cpu_per_call(call: Callable[[], Awaitable[None]], concurrency: int, calls: int) -> float:
+    """This process's CPU seconds per call, `concurrency` calls at once, after one warm-up round."""
+    await asyncio.gather(*(call() for _ in range(concurrency)))  # connections up
+    rounds = calls // concurrency
+    started = time.process_time()
+    for _ in range(rounds):
+        await asyncio.gather(*(call() for _ in range(concurrency)))
+    return (time.process_time() - started) / (rounds * concurrency)
+
+
 async def combot_calls(url: str, concurrency: int, calls: int) -> float:
     async with LLM(LLMConfig(base_url=url, model="fake", timeout=30, max_in_flight=max(concurrency, 1))) as llm:
-        await asyncio.gather(*(llm.complete(SYSTEM, TEXT) for _ in range(concurrency)))  # connections up
-        started = time.process_time()
-        for _ in range(calls // concurrency):
-            outcomes = await asyncio.gather(*(llm.complete(SYSTEM, TEXT) for _ in range(concurrency)))
-            assert all(isinstance(o, LLMReply) for o in outcomes), outcomes[0]
-        return (time.process_time() - started) / (calls // concurrency * concurrency)
+        async def call() -> None:
+            outcome = await llm.complete(SYSTEM, TEXT)
+            assert isinstance(outcome, LLMReply), outcome
+
+        return await cpu_per_call(call, concurrency, calls)
 
 
 async def httpx_calls(url: str, concurrency: int, calls: int) -> float:
@@ -39,20 +50,17 @@ async def httpx_calls(url: str, concurrency: int, calls: int) -> float:
                "temperature": 0.7, "max_tokens": 150}
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     clients = [httpx.AsyncClient(timeout=30, limits=limits) for _ in range(-(-concurrency // 8))]
+    in_turn = itertools.cycle(clients)
 
-    async def one(index: int) -> None:
-        async with clients[index % len(clients)].stream("POST", url + "/chat/completions", json=payload) as response:
+    async def call() -> None:
+        async with next(in_turn).stream("POST", url + "/chat/completions", json=payload) as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body.extend(chunk)
         parse_completion(bytes(body), "fake")
 
     try:
-        await asyncio.gather(*(one(i) for i in range(concurrency)))
-        started = time.process_time()
-        for _ in range(calls // concurrency):
-            await asyncio.gather(*(one(i) for i in range(concurrency)))
-        return (time.process_time() - started) / (calls // concurrency * concurrency)
+        return await cpu_per_call(call, concurrency, calls)
     finally:
         for client in clients:
             await client.aclose()

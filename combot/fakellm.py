@@ -218,10 +218,11 @@ async def _connection(state: FakeState, reader: asyncio.StreamReader, writer: as
                 headers[name.strip().lower()] = value.strip()
             length = int(headers.get("content-length", "0") or 0)
             body = await reader.readexactly(length) if length else b""
-            if not counted and target.split("?")[0].endswith("/chat/completions"):
+            path = target.split("?")[0]
+            if not counted and path.endswith("/chat/completions"):
                 state.connections, counted = state.connections + 1, True
             try:
-                status, content_type, payload = await _route(state, method, target.split("?")[0], headers, body)
+                status, content_type, payload = await _route(state, method, path, headers, body)
             except _Close:
                 writer.transport.abort()
                 return

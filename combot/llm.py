@@ -22,8 +22,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-import httpx
-
 from combot import __version__
 from combot.breaker import OPEN_REASON, CircuitBreaker, counts_as_failure
 from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError, route
@@ -154,10 +152,7 @@ class LLM:
             self.key_unusable, api_key = True, ""
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"  # kept in the request head only
-        # Certificates are checked against the same authorities as httpx would (certifi's, or
-        # SSL_CERT_FILE / SSL_CERT_DIR); the context is made once, and only for an https endpoint.
-        ssl_context = httpx.create_ssl_context() if config.endpoint.lower().startswith("https:") else None
-        self._endpoint = Endpoint(config.endpoint, headers, ssl_context, environ=environ)
+        self._endpoint = Endpoint(config.endpoint, headers, environ=environ)
         self._slots = asyncio.Semaphore(config.max_in_flight)
 
     async def __aenter__(self) -> LLM:

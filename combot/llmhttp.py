@@ -5,15 +5,16 @@ a worker 1.6-2.2 ms of CPU through httpx (httpcore's pool, anyio, its models) an
 through this client; classifying a first message costs ~3.5 ms, so in a launch burst httpx added
 about half as much again. It does what the adapter needs and no more:
 
-- HTTP/1.1 over TCP or TLS (certificates checked as httpx checks them: `httpx.create_ssl_context`,
-  which honours SSL_CERT_FILE and SSL_CERT_DIR), one request at a time per connection, connections
-  kept alive for the next call and dropped once idle for `IDLE_SECONDS` or closed by the server;
+- HTTP/1.1 over TCP or TLS (certificates checked as httpx checks them, `httpx.create_ssl_context`
+  honouring SSL_CERT_FILE and SSL_CERT_DIR, unless the caller gives a context); one request at a
+  time per connection, connections kept alive for the next call and dropped once idle for
+  `IDLE_SECONDS` or closed by the server;
 - responses framed by Content-Length, chunked, or the end of the connection; gzip and deflate
   bodies decoded; a body past `max_body` bytes, or a header block past `MAX_HEAD_BYTES`, refused;
 - an http:// proxy from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, with NO_PROXY read as httpx reads it
   (and loopback endpoints always direct): a CONNECT tunnel for an https endpoint, the absolute URL
-  for an http one, Basic credentials from the proxy URL. (httpx would also take an https:// or socks5:// proxy; this client logs a warning
-  and calls the endpoint directly.)
+  for an http one, Basic credentials from the proxy URL. (httpx would also take an https:// or
+  socks5:// proxy; this client logs a warning and calls the endpoint directly.)
 
 Timeouts are the caller's (`asyncio.timeout`): a call cancelled half-way closes its connection.
 """
@@ -32,6 +33,8 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
+
+import httpx
 
 log = logging.getLogger("combot.llm")
 
@@ -65,9 +68,14 @@ class _Route:
     tls: bool  # TLS to the endpoint (through a tunnel when `tunnel` is set)
     target: str  # the request target: a path, or the absolute URL when an http proxy forwards it
     host_header: str
+    server_name: str  # the endpoint's host name, which its TLS certificate must carry
     tunnel: str | None = None  # "host:port" to CONNECT to through the proxy
     proxy_authorization: str | None = None
-    proxied: bool = False  # host and port are a proxy's
+
+    @property
+    def proxied(self) -> bool:
+        """Whether `host` and `port` are a proxy's."""
+        return self.tunnel is not None or not self.target.startswith("/")
 
 
 def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
@@ -84,22 +92,22 @@ def route(url: str, environ: Mapping[str, str] | None = None) -> _Route:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     proxy = _proxy_for(parts.scheme, host, port, environ)
     if proxy is None:
-        return _Route(host, port, tls, path, host_header)
+        return _Route(host, port, tls, path, host_header, host)
     proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     if proxy_parts.scheme != "http" or not proxy_parts.hostname:
         log.warning("LLM proxy %s://%s ignored: only http:// proxies are supported; calling the LLM directly",
                     proxy_parts.scheme, proxy_parts.hostname)
-        return _Route(host, port, tls, path, host_header)
+        return _Route(host, port, tls, path, host_header, host)
     credentials = None
     if proxy_parts.username is not None:
         pair = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
         credentials = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
     proxy_host, proxy_port = proxy_parts.hostname, proxy_parts.port or 80
     if tls:
-        return _Route(proxy_host, proxy_port, True, path, host_header, tunnel=f"{bracketed}:{port}",
-                      proxy_authorization=credentials, proxied=True)
-    return _Route(proxy_host, proxy_port, False, f"http://{host_header}{path}", host_header,
-                  proxy_authorization=credentials, proxied=True)
+        return _Route(proxy_host, proxy_port, True, path, host_header, host, tunnel=f"{bracketed}:{port}",
+                      proxy_authorization=credentials)
+    return _Route(proxy_host, proxy_port, False, f"http://{host_header}{path}", host_header, host,
+                  proxy_authorization=credentials)
 
 
 def _proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | None) -> str | None:
@@ -284,9 +292,10 @@ class Endpoint:
 
     def __init__(self, url: str, headers: Mapping[str, str], ssl_context: ssl.SSLContext | None = None,
                  environ: Mapping[str, str] | None = None):
-        self._hostname = urlsplit(url).hostname or ""
         self._route = route(url, environ)
-        self._ssl = ssl_context if ssl_context is not None or not self._route.tls else ssl.create_default_context()
+        # Certificates are checked against the authorities httpx would use (certifi's, or
+        # SSL_CERT_FILE / SSL_CERT_DIR); the context is made once, and only for an https endpoint.
+        self._ssl = ssl_context if ssl_context is not None or not self._route.tls else httpx.create_ssl_context()
         fixed = {"Host": self._route.host_header, **headers, "Accept-Encoding": "gzip, deflate"}
         if self._route.proxy_authorization and self._route.tunnel is None:
             fixed["Proxy-Authorization"] = self._route.proxy_authorization
@@ -353,7 +362,7 @@ class Endpoint:
         direct_tls = self._ssl if routed.tls and routed.tunnel is None else None
         _, connection = await loop.create_connection(
             _Connection, routed.host, routed.port, ssl=direct_tls,
-            server_hostname=routed.host if direct_tls is not None else None)
+            server_hostname=routed.server_name if direct_tls is not None else None)
         self._open.add(connection)
         try:
             if self._closed:  # aclose() ran while this connection was being made
@@ -380,7 +389,7 @@ class Endpoint:
             raise ProtocolError("the proxy sent bytes before the tunnel was set up")
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(connection.transport, connection, self._ssl,
-                                         server_hostname=self._hostname)
+                                         server_hostname=routed.server_name)
         if transport is None:
             raise ProtocolError("TLS through the proxy's tunnel failed")
         connection.transport = transport  # type: ignore[assignment]

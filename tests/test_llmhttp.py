@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +24,7 @@ from combot.llm import LLM, Fallback, LLMConfig, LLMReply, describe
 from combot.llmhttp import BodyTooLarge, Endpoint, ProtocolError, route
 from tests.test_server import self_signed
 
+T = TypeVar("T")
 HEADERS = {"User-Agent": "combot-test", "Accept": "application/json"}
 HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -38,6 +40,26 @@ def closing(raw: bytes) -> Answer:
         await writer.drain()
         writer.close()
     return answer
+
+
+async def never(server: "Scripted", _: asyncio.StreamWriter) -> None:
+    """An answer that never comes (until the server stops)."""
+    await server.stopping.wait()
+
+
+_REPLY = json.dumps({"model": "m", "choices": [{"message": {"content": "So the lamp was broken."},
+                                                  "finish_reason": "stop"}]}).encode()
+# A chat completion, whole.
+COMPLETION = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_REPLY) + _REPLY
+
+
+def llm_call(api_key: str | None = None) -> Callable[[str], Awaitable[LLMReply | Fallback]]:
+    """One call through the LLM adapter to the scripted server at `url`."""
+    async def call(url: str) -> LLMReply | Fallback:
+        config = LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10)
+        async with LLM(config, api_key=api_key) as llm:
+            return await llm.complete("Paraphrase.", "The lamp was broken.")
+    return call
 
 
 @dataclass
@@ -122,8 +144,9 @@ async def read_request(reader: asyncio.StreamReader) -> Seen | None:
     return Seen(line.decode("latin-1").strip(), headers, body)
 
 
-def against(server: Scripted, body: Callable[[str], Awaitable[object]], tls: ssl.SSLContext | None = None) -> object:
-    async def go() -> object:
+def against(server: Scripted, body: Callable[[str], Awaitable[T]], tls: ssl.SSLContext | None = None) -> T:
+    """`body(url)` run against `server`, started for it and stopped after."""
+    async def go() -> T:
         url = await server.start(tls)
         try:
             return await body(url)
@@ -161,7 +184,7 @@ FRAMINGS = {
 def test_every_framing_gives_the_same_body_and_keeps_the_connection(name: str, trickle: bool) -> None:
     server = Scripted([[FRAMINGS[name]]], trickle=trickle)
     responses = against(server, lambda url: posts(url, calls=3))
-    assert [(r.status, r.body) for r in responses] == [(200, b"hello")] * 3  # type: ignore[union-attr]
+    assert [(r.status, r.body) for r in responses] == [(200, b"hello")] * 3
     assert server.connections == 1 and len(server.seen) == 3
     first = server.seen[0]
     assert first.request_line == "POST /v1/chat/completions HTTP/1.1"
@@ -186,7 +209,7 @@ def test_a_body_up_to_the_end_of_the_connection_and_a_raw_deflate_body() -> None
             await endpoint.aclose()
 
     responses = against(server, go)
-    assert [r.body for r in responses] == [b"hello", b"hello"]  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello", b"hello"]
     assert server.connections == 2  # a body ended by the close cannot share its connection
 
 
@@ -239,14 +262,14 @@ def test_connection_close_and_http_1_0_are_not_reused() -> None:
                        [b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello"],
                        [b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"]])
     responses = against(server, lambda url: posts(url, calls=4))
-    assert [r.body for r in responses] == [b"hello"] * 4  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello"] * 4
     assert server.connections == 3  # close, 1.0, then 1.0 with keep-alive for the last two
 
 
 def test_an_error_status_is_returned_whole_and_the_connection_kept() -> None:
     server = Scripted([[b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\n{}", HELLO]])
     responses = against(server, lambda url: posts(url, calls=2))
-    assert [(r.status, r.headers.get("retry-after")) for r in responses] == [(429, "1"), (200, None)]  # type: ignore[union-attr]
+    assert [(r.status, r.headers.get("retry-after")) for r in responses] == [(429, "1"), (200, None)]
     assert server.connections == 1
 
 
@@ -258,7 +281,7 @@ def test_a_reused_connection_dropped_unanswered_is_retried_once_on_a_new_one() -
     # racing the reuse); the call goes through on a second connection.
     server = Scripted([[HELLO, None], [HELLO]])
     responses = against(server, lambda url: posts(url, calls=3))
-    assert [r.body for r in responses] == [b"hello"] * 3  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello"] * 3
     assert server.connections == 2 and len(server.seen) == 4
 
 
@@ -295,7 +318,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
             await endpoint.aclose()
 
     responses = against(server, go)
-    assert [r.body for r in responses] == [b"hello", b"hello"]  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello", b"hello"]
     assert server.connections == 2 and len(server.seen) == 2  # no request was sent on the closed one
 
 
@@ -307,9 +330,6 @@ def test_idle_connections_expire(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_cancelled_call_closes_its_connection_and_the_next_call_opens_a_new_one() -> None:
-    async def never(server: Scripted, _: asyncio.StreamWriter) -> None:
-        await server.stopping.wait()
-
     server = Scripted([[never], [HELLO]])
 
     async def go(url: str) -> llmhttp.Response:
@@ -324,7 +344,7 @@ def test_a_cancelled_call_closes_its_connection_and_the_next_call_opens_a_new_on
             await endpoint.aclose()
 
     response = against(server, go)
-    assert response.body == b"hello"  # type: ignore[union-attr]
+    assert response.body == b"hello"
     assert server.connections == 2
 
 
@@ -345,7 +365,9 @@ def test_aclose_closes_connections_in_use_and_idle() -> None:
 
 def test_the_route_follows_the_proxy_variables_as_httpx_reads_them(caplog: pytest.LogCaptureFixture) -> None:
     url = "https://api.example.com/v1/chat/completions"
-    assert route(url, {}) == llmhttp._Route("api.example.com", 443, True, "/v1/chat/completions", "api.example.com")
+    assert route(url, {}) == llmhttp._Route("api.example.com", 443, True, "/v1/chat/completions", "api.example.com",
+                                            "api.example.com")
+    assert not route(url, {}).proxied
     tunnelled = route(url, {"HTTPS_PROXY": "http://user:p%40ss@proxy.lan:3128"})
     assert (tunnelled.host, tunnelled.port, tunnelled.tunnel) == ("proxy.lan", 3128, "api.example.com:443")
     assert tunnelled.proxy_authorization == "Basic " + base64.b64encode(b"user:p@ss").decode()
@@ -450,7 +472,7 @@ def test_an_http_endpoint_through_an_http_proxy() -> None:
             await proxy.stop()
 
     responses = against(server, go)
-    assert [r.body for r in responses] == [b"hello"] * 2  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello"] * 2
     assert proxy.seen[0].request_line == f"POST http://{PROXIED_NAME}:{server.port}/v1/chat/completions HTTP/1.1"
     assert server.seen[0].headers["host"] == f"{PROXIED_NAME}:{server.port}"
     assert proxy.seen[0].headers["proxy-authorization"] == "Basic " + base64.b64encode(b"proxy-user:proxy-pass").decode()
@@ -482,7 +504,7 @@ def test_https_directly_and_through_a_connect_tunnel(certificate: tuple[Path, Pa
             await proxy.stop()
 
     responses = against(server, go, tls=served)
-    assert [r.body for r in responses] == [b"hello"] * 4  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello"] * 4
     assert [s.request_line for s in proxy.seen] == [f"CONNECT {PROXIED_NAME}:{server.port} HTTP/1.1"]
     assert proxy.seen[0].headers["proxy-authorization"].startswith("Basic ")
     assert server.connections == 2  # one direct, one tunnelled, each kept alive for its second call
@@ -501,20 +523,12 @@ def test_the_llm_checks_certificates_as_httpx_does(certificate: tuple[Path, Path
     """SSL_CERT_FILE names the authorities to trust (httpx.create_ssl_context reads it); without it a
     self-signed endpoint is a "connection" fallback, the participant getting the offline text."""
     served, _ = _tls(certificate)
-    completion = json.dumps({"model": "m", "choices": [{"message": {"content": "So the lamp was broken."},
-                                                         "finish_reason": "stop"}]}).encode()
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(completion)
-
-    async def call(url: str) -> LLMReply | Fallback:
-        async with LLM(LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10)) as llm:
-            return await llm.complete("Paraphrase.", "The lamp was broken.")
-
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
-    outcome = against(Scripted([[answer + completion]]), call, tls=served)
+    outcome = against(Scripted([[COMPLETION]]), llm_call(), tls=served)
     assert isinstance(outcome, LLMReply) and outcome.text == "So the lamp was broken."
     monkeypatch.delenv("SSL_CERT_FILE")
-    outcome = against(Scripted([[answer + completion]]), call, tls=served)
+    outcome = against(Scripted([[COMPLETION]]), llm_call(), tls=served)
     assert isinstance(outcome, Fallback) and outcome.reason == "connection"
 
 
@@ -557,9 +571,6 @@ def test_bytes_on_an_idle_connection_never_become_the_next_calls_answer() -> Non
 
 
 def test_aclose_during_a_call_fails_it_without_sending_it_again() -> None:
-    async def never(server: Scripted, _: asyncio.StreamWriter) -> None:
-        await server.stopping.wait()
-
     server = Scripted([[HELLO, never]])
 
     async def go(url: str) -> None:
@@ -588,14 +599,14 @@ def test_aclose_during_a_call_fails_it_without_sending_it_again() -> None:
 def test_an_answer_that_may_leave_the_connection_unclear_is_not_reused(answer: bytes) -> None:
     server = Scripted([[answer]])
     responses = against(server, lambda url: posts(url, calls=2))
-    assert [r.body for r in responses] == [b"hello", b"hello"]  # type: ignore[union-attr]
+    assert [r.body for r in responses] == [b"hello", b"hello"]
     assert server.connections == 2
 
 
 def test_no_body_after_204_whatever_the_headers_say() -> None:
     server = Scripted([[b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", HELLO]])
     responses = against(server, lambda url: posts(url, calls=2))
-    assert [(r.status, r.body) for r in responses] == [(204, b""), (200, b"hello")]  # type: ignore[union-attr]
+    assert [(r.status, r.body) for r in responses] == [(204, b""), (200, b"hello")]
     assert server.connections == 1
 
 
@@ -642,28 +653,16 @@ def test_no_proxy_entries_are_read_as_httpx_reads_them() -> None:
 
 @pytest.mark.parametrize("key, sent", [("sk-abc\n", "Bearer sk-abc"), ("  sk-abc  ", "Bearer sk-abc")])
 def test_an_api_key_with_a_line_end_is_trimmed(key: str, sent: str) -> None:
-    completion = json.dumps({"model": "m", "choices": [{"message": {"content": "So it broke."},
-                                                         "finish_reason": "stop"}]}).encode()
-    server = Scripted([[b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(completion) + completion]])
-
-    async def call(url: str) -> LLMReply | Fallback:
-        async with LLM(LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10), api_key=key) as llm:
-            return await llm.complete("Paraphrase.", "It broke.")
-
-    assert isinstance(against(server, call), LLMReply)
+    server = Scripted([[COMPLETION]])
+    assert isinstance(against(server, llm_call(key)), LLMReply)
     assert server.seen[0].headers["authorization"] == sent
 
 
 @pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: yes", "sk-\u00e9t\u00e9", "sk abc"])
 def test_an_api_key_a_header_cannot_carry_falls_back_without_a_request(key: str, caplog: pytest.LogCaptureFixture) -> None:
-    server = Scripted([[HELLO]])
-
-    async def call(url: str) -> LLMReply | Fallback:
-        async with LLM(LLMConfig(base_url=url.removesuffix("/chat/completions"), timeout=10), api_key=key) as llm:
-            return await llm.complete("Paraphrase.", "It broke.")
-
+    server = Scripted([[COMPLETION]])
     with caplog.at_level(logging.ERROR, logger="combot.llm"):
-        outcome = against(server, call)
+        outcome = against(server, llm_call(key))
     assert outcome == Fallback("unusable API key", 0) and server.seen == []
     assert "OPENAI_API_KEY" in caplog.text and key not in caplog.text
 
